@@ -1,0 +1,121 @@
+"""Measurement: MACs (torchprofile) and throughput (the paper's protocol, with spread)."""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["count_macs", "Throughput", "measure_throughput", "interleaved_throughput"]
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224)) -> int:
+    """Multiply-accumulates for one image, through the model as currently patched.
+
+    Traced with torchprofile, which follows the shrinking token counts of a merged model
+    (the merges are a fixed number per block, so the trace is exact for every image). Ops it
+    does not know (sorts, gathers, scatters) count as zero MACs, which is what they are, and
+    so does integer index arithmetic, which torchprofile would otherwise count as
+    multiplies.
+    """
+    from torchprofile import profile_macs
+
+    param = next(model.parameters())
+    x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            per_op = profile_macs(model, x, reduction=None)
+        return int(sum(v for node, v in per_op.items() if not _integer_op(node)))
+    finally:
+        model.train(was_training)
+
+
+def _integer_op(node) -> bool:
+    return all(out.dtype in _INT_TYPES for out in node.outputs)
+
+
+_INT_TYPES = {"long", "int", "short", "char", "byte", "bool"}
+
+
+@dataclass
+class Throughput:
+    """Images per second over ``runs`` timed forward passes of one batch.
+
+    ``mean`` is batch / mean time per run, the paper's figure; ``std`` the standard
+    deviation of per-run throughput; ``ci95`` a normal-approximation 95% interval for the
+    mean of per-run throughputs.
+    """
+
+    mean: float
+    std: float
+    ci95: Tuple[float, float]
+    runs: int
+    batch_size: int
+    device: str
+    per_run: List[float]
+
+    def __str__(self) -> str:
+        return f"{self.mean:.1f} ± {self.std:.1f} im/s ({self.runs} runs, batch {self.batch_size}, {self.device})"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _summarise(times: Sequence[float], batch: int, device: str) -> Throughput:
+    per_run = [batch / t for t in times]
+    n = len(per_run)
+    mean_run = sum(per_run) / n
+    std = math.sqrt(sum((v - mean_run) ** 2 for v in per_run) / max(n - 1, 1))
+    half = 1.96 * std / math.sqrt(n)
+    mean = batch * n / sum(times)
+    return Throughput(mean, std, (mean_run - half, mean_run + half), n, batch, device, per_run)
+
+
+@torch.no_grad()
+def interleaved_throughput(
+    models: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    batch_size: int = 32,
+    input_size: Tuple[int, int, int] = (3, 224, 224),
+    runs: int = 50,
+    warmup: int = 5,
+    device: Optional[torch.device] = None,
+    setups: Optional[Sequence[Callable[[], None]]] = None,
+) -> List[Throughput]:
+    """Throughput of several models measured round-robin, so drift hits all of them alike.
+
+    Each round runs every model once on the same random batch (device synchronised around
+    each run); ``warmup`` rounds are discarded. ``setups[i]`` (optional) is called before
+    model i runs, e.g. to patch a shared model with different options.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    x = torch.randn(batch_size, *input_size, device=device)
+    times: List[List[float]] = [[] for _ in models]
+    for step in range(warmup + runs):
+        for i, model in enumerate(models):
+            if setups is not None:
+                setups[i]()
+            _sync(device)
+            t0 = time.perf_counter()
+            model(x)
+            _sync(device)
+            if step >= warmup:
+                times[i].append(time.perf_counter() - t0)
+    return [_summarise(t, batch_size, str(device)) for t in times]
+
+
+def measure_throughput(model: nn.Module, batch_size: int = 32,
+                       input_size: Tuple[int, int, int] = (3, 224, 224), runs: int = 50,
+                       warmup: int = 5, device: Optional[torch.device] = None) -> Throughput:
+    """Images per second of one model: fixed batch (32), warm-up discarded, ``runs`` timed
+    runs (at least 50 in the paper's protocol), device synchronised."""
+    return interleaved_throughput([model], batch_size, input_size, runs, warmup, device)[0]

@@ -1,0 +1,352 @@
+"""Patch a timm VisionTransformer in place so that its blocks merge tokens, and undo it.
+
+``patch`` swaps the classes of the model, its blocks and their attention modules for thin
+subclasses (the ToMe recipe), so parameters, hooks and ``state_dict`` stay untouched, and
+``unpatch`` swaps them back. Everything one forward pass needs (token sizes, source
+tracking, anchors of the tokens on the patch grid, the similarity feature of the current
+block) lives in one :class:`MergeState` shared by the model and its blocks; it is reset
+wherever a forward starts (``forward_features``, ``forward_intermediates``), so calling
+them in any order never sees stale sizes.
+
+A patched block computes, for ``x`` of shape (B, N, C)::
+
+    x = x + ls1(attn(norm1(x)))          # attention, with log(size) bias if prop_attn
+    x, size = merge(x, size)             # r tokens fewer, per the schedule
+    x = x + ls2(mlp(norm2(x)))
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .merging import (Merge, bipartite_soft_matching, merge_source, merge_wavg,
+                      prune_lowest_norm, window_soft_matching)
+from .schedules import ModelShape, RSpec, Schedule, plan
+from .windows import window_ids
+
+__all__ = ["MergeState", "patch", "unpatch", "is_patched", "schedule", "attention_bias",
+           "trace_sources", "SUPPORTED_POOLS"]
+
+SUPPORTED_POOLS = ("token", "avg", "")
+_RANDOM_FEATURE_DIM = 64
+
+
+class MergeState:
+    """Per-model merging state, shared by the model and its blocks.
+
+    Attributes set per forward: ``size`` (B, N, 1) tokens per token, ``source`` (B, N, N0)
+    which input tokens each token holds (when tracing), ``anchors`` (B, N - P) raster index
+    of one original patch per token (spatial methods), ``metric`` the current block's
+    similarity feature (B, N, C').
+    """
+
+    def __init__(self, model: nn.Module, method: str, options: dict,
+                 prop_attn: bool, trace_source: bool, seed: int) -> None:
+        self.method = method
+        self.options = options
+        self.prop_attn = prop_attn
+        self.trace_source = trace_source
+        self.seed = seed
+        self.num_prefix = model.num_prefix_tokens
+        self._shape = ModelShape.from_model(model)
+        self._schedules: Dict[Tuple[int, int], Schedule] = {}
+        self.schedule = self.schedule_for(self._shape.grid)
+        self.generator: Optional[torch.Generator] = None
+        self.grid = self._shape.grid
+        self._clear()
+
+    def _clear(self) -> None:
+        self.size: Optional[Tensor] = None
+        self.source: Optional[Tensor] = None
+        self.anchors: Optional[Tensor] = None
+        self.metric: Optional[Tensor] = None
+
+    def schedule_for(self, grid: Tuple[int, int]) -> Schedule:
+        """The schedule for a patch grid (cached: it depends on the grid, not the image)."""
+        grid = tuple(grid)
+        if grid not in self._schedules:
+            shape = ModelShape(**{**self._shape.__dict__, "grid": grid})
+            self._schedules[grid] = plan(shape, self.method, **self.options)
+        return self._schedules[grid]
+
+    def reset(self, model: nn.Module, images: Tensor) -> None:
+        """Start a forward pass on images (B, C, H, W)."""
+        self._clear()
+        pe = model.patch_embed
+        if getattr(model, "dynamic_img_size", False) and hasattr(pe, "dynamic_feat_size"):
+            grid = tuple(pe.dynamic_feat_size(images.shape[-2:]))
+        else:
+            grid = tuple(pe.grid_size)
+        self.grid = grid
+        self.schedule = self.schedule_for(grid)
+        if self.method in ("spatial", "dsm") and self.schedule.local_blocks:
+            n = grid[0] * grid[1]
+            self.anchors = torch.arange(n, device=images.device).expand(images.shape[0], n)
+        if self.options["feature"] == "random":
+            self.generator = torch.Generator().manual_seed(self.seed)
+
+    def attn_bias(self, dtype: Optional[torch.dtype] = None) -> Optional[Tensor]:
+        """Proportional attention's additive bias log(size), (B, 1, 1, N), or None."""
+        if not self.prop_attn or self.size is None:
+            return None
+        bias = self.size.log()[:, None, None, :, 0]
+        return bias if dtype is None else bias.to(dtype)
+
+    def match(self, index: int, x: Tensor) -> Merge:
+        """The merge of block ``index`` for tokens x (B, N, C), from the stored metric."""
+        step = self.schedule.blocks[index]
+        metric = self.metric
+        if self.options["feature"] == "random":
+            shape = (x.shape[0], x.shape[1], _RANDOM_FEATURE_DIM)
+            metric = torch.randn(shape, generator=self.generator).to(x.device, x.dtype)
+        if self.options["reduction"] == "prune":
+            return prune_lowest_norm(metric, step.r, self.num_prefix)
+        if step.mode == "local":
+            wid = window_ids(self.anchors, self.grid, step.window)
+            return window_soft_matching(metric, step.r, wid, step.num_windows,
+                                        step.window * step.window, self.num_prefix)
+        order = "tome" if self.method == "tome" else "sequence"
+        return bipartite_soft_matching(metric, step.r, self.num_prefix, order=order)
+
+
+# --------------------------------------------------------------------------- forwards
+def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
+                       is_causal: bool = False) -> Tensor:
+    """timm ``Attention.forward`` plus the size bias, and the similarity feature stashed."""
+    st: MergeState = self._dsm_state
+    b, n, _ = x.shape
+    attn_dim = getattr(self, "attn_dim", self.num_heads * self.head_dim)
+    gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = self.q_norm(q), self.k_norm(k)
+    bias = st.attn_bias(q.dtype)
+    if attn_mask is not None:
+        bias = attn_mask if bias is None else attn_mask + bias
+    if self.fused_attn:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, is_causal=is_causal,
+            dropout_p=self.attn_drop.p if self.training else 0.0)
+    else:
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            attn = attn + bias
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        out = attn @ v
+    if self._dsm_wants_metric:
+        feature = st.options["feature"]
+        if feature in ("k", "q", "v"):
+            st.metric = {"k": k, "q": q, "v": v}[feature].mean(dim=1)
+    out = out.transpose(1, 2).reshape(b, n, attn_dim)
+    out = getattr(self, "norm", nn.Identity())(out)
+    if gate is not None:
+        out = out * gate
+    return self.proj_drop(self.proj(out))
+
+
+def _block_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
+                   is_causal: bool = False) -> Tensor:
+    st: MergeState = self._dsm_state
+    step = st.schedule.blocks[self._dsm_index]
+    merging = step.r > 0
+    if (attn_mask is not None or is_causal) and (merging or st.size is not None):
+        raise ValueError("token merging cannot be combined with attn_mask or is_causal")
+    self.attn._dsm_wants_metric = merging
+    if merging and st.options["feature"] == "x":
+        st.metric = x
+    x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask,
+                                              is_causal=is_causal)))
+    if merging:
+        merge = st.match(self._dsm_index, x)
+        if st.trace_source:
+            st.source = merge_source(merge, x, st.source)
+        if st.anchors is not None:
+            p = st.num_prefix
+            st.anchors = st.anchors.gather(1, merge.keep[:, p:] - p)
+        x, st.size = merge_wavg(merge, x, st.size)
+        st.metric = None
+    return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def _forward_features(self, x: Tensor, *args, **kwargs) -> Tensor:
+    self._dsm_state.reset(self, x)
+    return self._dsm_original.forward_features(self, x, *args, **kwargs)
+
+
+def _forward_intermediates(self, x: Tensor, *args, **kwargs):
+    st: MergeState = self._dsm_state
+    fmt = kwargs.get("output_fmt", args[4] if len(args) > 4 else "NCHW")
+    if fmt == "NCHW" and any(st.schedule.r):
+        raise ValueError("token merging changes the number of tokens, so intermediates cannot "
+                         "be reshaped to NCHW; pass output_fmt='NLC'")
+    st.reset(self, x)
+    return self._dsm_original.forward_intermediates(self, x, *args, **kwargs)
+
+
+def _forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+    st: MergeState = self._dsm_state
+    if self.global_pool == "avg" and st.size is not None:
+        # a merged token stands for `size` patches: pool as if they were all still there
+        start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
+        w = st.size[:, start:]
+        x = (x[:, start:] * w).sum(dim=1) / w.sum(dim=1)
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+    return self._dsm_original.forward_head(self, x, pre_logits=pre_logits)
+
+
+_CLASS_CACHE: Dict[Tuple[type, str], type] = {}
+
+
+def _patched_class(cls: type, kind: str) -> type:
+    key = (cls, kind)
+    if key not in _CLASS_CACHE:
+        methods = {
+            "model": dict(forward_features=_forward_features,
+                          forward_intermediates=_forward_intermediates,
+                          forward_head=_forward_head),
+            "block": dict(forward=_block_forward),
+            "attn": dict(forward=_attention_forward),
+        }[kind]
+        # the model-level overrides call `self._dsm_original.<method>` explicitly, since
+        # `super()` has no class cell in functions defined outside a class body
+        _CLASS_CACHE[key] = type(f"Merging{cls.__name__}", (cls,), dict(methods, _dsm_original=cls))
+    return _CLASS_CACHE[key]
+
+
+# --------------------------------------------------------------------------- public API
+def _check_supported(model: nn.Module) -> None:
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"dsm_lite.patch supports timm VisionTransformer models (vit_*, deit_*); "
+                        f"got {type(model).__name__}")
+    bad = [type(b).__name__ for b in model.blocks if not isinstance(b, Block)
+           or not isinstance(b.attn, Attention)]
+    if bad:
+        raise TypeError(f"dsm_lite.patch supports timm's standard Block and Attention; this model "
+                        f"uses {sorted(set(bad))}")
+    if model.global_pool not in SUPPORTED_POOLS or getattr(model, "attn_pool", None) is not None:
+        raise TypeError(f"global_pool={model.global_pool!r} is not supported; use one of "
+                        f"{SUPPORTED_POOLS}")
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` is currently patched by dsm_lite."""
+    return hasattr(model, "_dsm_state")
+
+
+def patch(
+    model: nn.Module,
+    method: str = "tome",
+    r: RSpec = 0,
+    *,
+    prop_attn: bool = True,
+    trace_source: bool = False,
+    feature: str = "k",
+    reduction: str = "merge",
+    delay: Optional[int] = None,
+    window: int = 7,
+    window_growth: int = 1,
+    local_blocks: Optional[int] = None,
+    seed: int = 0,
+) -> nn.Module:
+    """Make a timm ViT merge tokens, in place; returns the model.
+
+    Args:
+        model: a timm ``VisionTransformer`` (vit_*, deit_* including distilled, with
+            registers or LayerScale). Patching an already patched model replaces the options.
+        method: ``"tome"``, ``"spatial"`` or ``"dsm"`` (see :func:`dsm_lite.schedules.plan`).
+        r: tokens removed per block: int, per-block list, or ToMe's ``(r, inflection)``.
+        prop_attn: proportional attention (add log(size) to attention logits).
+        trace_source: track which patches each token holds (``model._dsm_state.source``).
+        feature: similarity feature: ``"k"`` (keys averaged over heads, default), ``"q"``,
+            ``"v"``, ``"x"`` (the block input) or ``"random"`` (seeded by ``seed``).
+        reduction: ``"merge"`` or ``"prune"`` (drop the lowest-norm tokens of ``feature``).
+        delay, window, window_growth, local_blocks: spatial/DSM options, see ``plan``.
+
+    Raises:
+        TypeError: the model is not a supported timm ViT (nothing is changed).
+        ValueError: an option is invalid (nothing is changed).
+    """
+    _check_supported(model)
+    if is_patched(model):
+        unpatch(model)
+    options = dict(r=r, delay=delay, window=window, window_growth=window_growth,
+                   local_blocks=local_blocks, feature=feature, reduction=reduction,
+                   prop_attn=prop_attn)
+    state = MergeState(model, method, options, prop_attn, trace_source, seed)  # validates
+    model._dsm_state = state
+    model.__class__ = _patched_class(model.__class__, "model")
+    for i, block in enumerate(model.blocks):
+        block._dsm_state, block._dsm_index = state, i
+        block.attn._dsm_state, block.attn._dsm_wants_metric = state, False
+        block.__class__ = _patched_class(block.__class__, "block")
+        block.attn.__class__ = _patched_class(block.attn.__class__, "attn")
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the exact original classes and behaviour; a no-op on an unpatched model."""
+    if not is_patched(model):
+        return model
+    for block in model.blocks:
+        block.attn.__class__ = block.attn._dsm_original
+        block.__class__ = block._dsm_original
+        del block._dsm_state, block._dsm_index, block.attn._dsm_state, block.attn._dsm_wants_metric
+    model.__class__ = model._dsm_original
+    del model._dsm_state
+    return model
+
+
+def schedule(model: nn.Module, method: Optional[str] = None, r: Optional[RSpec] = None,
+             grid: Optional[Tuple[int, int]] = None, **options) -> Schedule:
+    """The block-by-block :class:`Schedule` of a method on a model.
+
+    With no ``method``, the schedule the patched model runs now. Otherwise, the schedule
+    ``patch(model, method, r, **options)`` would run, without patching anything.
+    """
+    if method is None:
+        if not is_patched(model):
+            raise ValueError("model is not patched: pass method= and r=")
+        return model._dsm_state.schedule if grid is None else model._dsm_state.schedule_for(grid)
+    _check_supported(model)
+    options.pop("prop_attn", None), options.pop("trace_source", None), options.pop("seed", None)
+    return plan(ModelShape.from_model(model, grid), method, r if r is not None else 0, **options)
+
+
+def attention_bias(module: nn.Module) -> Optional[Tensor]:
+    """The additive float bias (B, 1, 1, N) a patched attention module applies to its current
+    input (proportional attention), or None when unpatched or when it applies none."""
+    state = getattr(module, "_dsm_state", None)
+    return None if state is None else state.attn_bias()
+
+
+@torch.no_grad()
+def trace_sources(model: nn.Module, images: Tensor) -> Tuple[Tensor, Tensor]:
+    """Run a patched model with source tracking; return (logits, groups).
+
+    ``groups`` is (B, H, W) long: for each patch, the index of the final token holding it
+    (among the patch tokens, prefix excluded). Patches sharing an index were merged together.
+    """
+    if not is_patched(model):
+        raise ValueError("trace_sources needs a model patched by dsm_lite.patch")
+    st: MergeState = model._dsm_state
+    old, st.trace_source = st.trace_source, True
+    try:
+        logits = model(images)
+        source = st.source
+        b = images.shape[0]
+        h, w = st.grid
+        p = st.num_prefix
+        if source is None:  # nothing merged: every patch is its own group
+            groups = torch.arange(h * w, device=images.device).expand(b, -1)
+        else:
+            groups = source[:, p:, p:].argmax(dim=1)
+        return logits, groups.reshape(b, h, w)
+    finally:
+        st.trace_source = old

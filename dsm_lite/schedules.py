@@ -1,0 +1,325 @@
+"""Merging schedules: what every block does, decided before any image is seen.
+
+A schedule depends only on the model's shape and the options, never on the photo, because
+every method removes a fixed number of tokens per block. It says, block by block, whether
+the block merges (``none``, ``local`` inside windows, or ``global``), with which window, how
+many tokens go in and out, and the MACs the block will cost. :func:`plan` builds it;
+``dsm_lite.patch`` runs exactly this plan, and ``dsm_lite.count_macs`` measures it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import List, Optional, Sequence, Tuple, Union
+
+from .merging import max_reduction
+from .windows import num_windows
+
+__all__ = ["RSpec", "BlockPlan", "Schedule", "ModelShape", "parse_r", "default_delay", "plan"]
+
+RSpec = Union[int, Sequence[int], Tuple[int, float]]
+METHODS = ("tome", "spatial", "dsm")
+FEATURES = ("k", "q", "v", "x", "random")
+
+
+def parse_r(num_blocks: int, r: RSpec) -> List[int]:
+    """Tokens to remove in each block, as ToMe's ``parse_r``.
+
+    ``r`` is an int (the same in every block), a per-block list (padded with zeros), or
+    ToMe's ``(r, inflection)`` schedule: a linear ramp from ``r * (1 - inflection)`` to
+    ``r * (1 + inflection)`` with the same total, truncated to ints as ToMe does.
+    """
+    if isinstance(r, bool):
+        raise TypeError("r must be an int, a list of ints or an (r, inflection) tuple")
+    if isinstance(r, int):
+        r, inflect = r, 0.0
+    elif isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
+        r, inflect = r
+    elif isinstance(r, (list, tuple)):
+        values = [int(v) for v in r]
+        if len(values) > num_blocks:
+            raise ValueError(f"r lists {len(values)} blocks but the model has {num_blocks}")
+        if any(v < 0 for v in values):
+            raise ValueError(f"r must be non-negative, got {values}")
+        return values + [0] * (num_blocks - len(values))
+    else:
+        raise TypeError(f"r must be an int, a list of ints or an (r, inflection) tuple, got {r!r}")
+    if r < 0:
+        raise ValueError(f"r must be non-negative, got {r}")
+    low = int(r * (1.0 - inflect))
+    high = 2 * r - low
+    step = (high - low) / max(num_blocks - 1, 1)
+    return [int(low + step * i) for i in range(num_blocks)]
+
+
+def default_delay(depth: int) -> int:
+    """The paper's delay D: the block where convergent attention begins, about depth / 6."""
+    return int(math.floor(depth / 6 + 0.5))
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a schedule needs to know about a ViT: sizes only, no weights."""
+
+    depth: int
+    dim: int
+    heads: int
+    head_dim: int
+    mlp_hidden: int
+    grid: Tuple[int, int]
+    patch: Tuple[int, int]
+    in_chans: int
+    num_prefix: int
+    num_classes: int
+    layer_scale: bool = False
+    qk_norm: bool = False
+    attn_norm: bool = False
+    mlp_norm: bool = False
+    norm_pre: bool = False
+    final_norm: bool = True
+    fc_norm: bool = False
+    global_pool: str = "token"
+    distilled_head: bool = False
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @classmethod
+    def from_model(cls, model, grid: Optional[Tuple[int, int]] = None) -> "ModelShape":
+        """Read the shape of a timm VisionTransformer (``grid`` overrides the patch grid)."""
+        from torch import nn
+
+        block = model.blocks[0]
+        attn = block.attn
+        is_ln = lambda m: isinstance(m, nn.LayerNorm)  # noqa: E731
+        pe = model.patch_embed
+        return cls(
+            depth=len(model.blocks),
+            dim=model.embed_dim,
+            heads=attn.num_heads,
+            head_dim=attn.head_dim,
+            mlp_hidden=block.mlp.fc1.out_features,
+            grid=tuple(grid or pe.grid_size),
+            patch=tuple(pe.patch_size),
+            in_chans=pe.proj.in_channels,
+            num_prefix=model.num_prefix_tokens,
+            num_classes=getattr(model, "num_classes", 0),
+            layer_scale=not isinstance(block.ls1, nn.Identity),
+            qk_norm=is_ln(attn.q_norm),
+            attn_norm=is_ln(getattr(attn, "norm", None)),
+            mlp_norm=is_ln(getattr(block.mlp, "norm", None)),
+            norm_pre=is_ln(model.norm_pre),
+            final_norm=is_ln(model.norm),
+            fc_norm=is_ln(model.fc_norm),
+            global_pool=model.global_pool,
+            distilled_head=isinstance(getattr(model, "head_dist", None), nn.Linear),
+        )
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """One block of a schedule.
+
+    ``tokens_in`` and ``tokens_out`` count every token (prefix included); ``window`` is the
+    window side in original patches and ``num_windows`` the windows per image (local blocks).
+    """
+
+    index: int
+    mode: str
+    r: int
+    tokens_in: int
+    tokens_out: int
+    window: Optional[int] = None
+    num_windows: Optional[int] = None
+    macs: int = 0
+
+
+@dataclass
+class Schedule:
+    """A full plan: every block's :class:`BlockPlan` plus the model-level MACs."""
+
+    method: str
+    shape: ModelShape
+    blocks: List[BlockPlan]
+    options: dict = field(default_factory=dict)
+    stem_macs: int = 0
+    head_macs: int = 0
+
+    @property
+    def macs(self) -> int:
+        """Predicted MACs for one image, counted as torchprofile counts them."""
+        return self.stem_macs + sum(b.macs for b in self.blocks) + self.head_macs
+
+    @property
+    def tokens(self) -> List[int]:
+        """Tokens entering each block, then the count leaving the last one."""
+        return [b.tokens_in for b in self.blocks] + [self.blocks[-1].tokens_out]
+
+    @property
+    def r(self) -> List[int]:
+        return [b.r for b in self.blocks]
+
+    @property
+    def local_blocks(self) -> int:
+        return sum(b.mode == "local" for b in self.blocks)
+
+    def to_frame(self):
+        """The schedule as a pandas DataFrame, one row per block."""
+        import pandas as pd
+
+        rows = [
+            dict(block=b.index, mode=b.mode, window=b.window, windows=b.num_windows,
+                 tokens_in=b.tokens_in, r=b.r, tokens_out=b.tokens_out, mmacs=b.macs / 1e6)
+            for b in self.blocks
+        ]
+        return pd.DataFrame(rows).set_index("block")
+
+    def table(self) -> str:
+        """A plain-text table, one line per block, for printing."""
+        lines = [f"{self.method}: {self.macs / 1e9:.3f} GMACs per image, "
+                 f"{self.tokens[0]} -> {self.tokens[-1]} tokens, "
+                 f"{self.local_blocks} local block(s)",
+                 "block  mode    window  windows  tokens_in    r  tokens_out  MMACs"]
+        for b in self.blocks:
+            win = f"{b.window}x{b.window}" if b.window else "-"
+            nw = str(b.num_windows) if b.num_windows else "-"
+            lines.append(f"{b.index:5d}  {b.mode:<6}  {win:>6}  {nw:>7}  {b.tokens_in:9d}  "
+                         f"{b.r:3d}  {b.tokens_out:10d}  {b.macs / 1e6:5.1f}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _block_macs(s: ModelShape, n_in: int, n_out: int, mode: str, windows: int,
+                window: Optional[int], feature: str, reduction: str) -> int:
+    """MACs of one block with ``n_in`` tokens before the merge and ``n_out`` after it.
+
+    Counted the way torchprofile counts timm's ops: linear layers, fused attention
+    (QK^T and AV), affine LayerNorms and elementwise multiplies (LayerScale, size weighting)
+    one MAC per output element; the matching's similarity matmul and the head-average of the
+    similarity feature are counted too, because they are real work added by merging.
+    """
+    c, a, hd = s.dim, s.heads * s.head_dim, s.head_dim
+    macs = n_in * c  # norm1
+    macs += n_in * c * 3 * a  # qkv
+    macs += 2 * n_in * a if s.qk_norm else 0
+    macs += 2 * n_in * n_in * a  # softmax(QK^T) V
+    macs += n_in * a if s.attn_norm else 0
+    macs += n_in * a * c  # proj
+    macs += n_in * c if s.layer_scale else 0
+    if n_out < n_in:
+        if feature in ("k", "q", "v"):
+            macs += n_in * hd  # mean over heads
+        if reduction == "merge":
+            fd = c if feature == "x" else hd
+            if mode == "local":
+                half = (window * window + 1) // 2
+                macs += windows * half * half * fd
+            else:
+                macs += ((n_in + 1) // 2) * (n_in // 2) * fd
+            macs += n_in * c  # x * size before the weighted average
+    macs += n_out * c  # norm2
+    macs += n_out * c * s.mlp_hidden * 2  # fc1 + fc2
+    macs += n_out * s.mlp_hidden if s.mlp_norm else 0
+    macs += n_out * c if s.layer_scale else 0
+    return macs
+
+
+def plan(
+    shape: ModelShape,
+    method: str = "tome",
+    r: RSpec = 0,
+    *,
+    delay: Optional[int] = None,
+    window: int = 7,
+    window_growth: int = 1,
+    local_blocks: Optional[int] = None,
+    feature: str = "k",
+    reduction: str = "merge",
+    prop_attn: bool = True,
+) -> Schedule:
+    """Build the block-by-block schedule of a method.
+
+    Args:
+        shape: the model's :class:`ModelShape`.
+        method: ``"tome"`` (global merging in every block), ``"spatial"`` (windowed merging
+            growing to global, from block 0) or ``"dsm"`` (no merging for ``delay`` blocks, then
+            as spatial).
+        r: tokens removed per merging block (int, per-block list, or ``(r, inflection)``);
+            blocks before the delay remove none. Each block's r is clamped to what is possible.
+        delay: D, blocks without merging. DSM's default is :func:`default_delay`; ToMe's and
+            spatial's is 0.
+        window: initial window side w, in patches.
+        window_growth: how much the window grows per block, in tokens of the current grid.
+            Local block j uses windows of ``round((w + j * growth) * sqrt(N0 / M_j))``
+            original patches, i.e. windows that hold about ``(w + j * growth)^2`` tokens at
+            the current token density (N0 patches at the start, M_j entering block j). Once a
+            window covers the whole grid, merging is global for the rest of the network.
+        local_blocks: optional cap on the number of local blocks (None: until the window
+            covers the grid; 0: no local merging).
+        feature: similarity feature, one of ``k q v x random``.
+        reduction: ``"merge"`` (size-weighted average) or ``"prune"`` (drop lowest-norm).
+        prop_attn: proportional attention (does not change MACs; kept for the record).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if feature not in FEATURES:
+        raise ValueError(f"unknown feature {feature!r}; choose one of {FEATURES}")
+    if reduction not in ("merge", "prune"):
+        raise ValueError(f"reduction must be 'merge' or 'prune', got {reduction!r}")
+    if method == "spatial" and delay not in (None, 0):
+        raise ValueError("method='spatial' merges from block 0; use method='dsm' for a delay")
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    if window_growth < 0:
+        raise ValueError(f"window_growth must be >= 0, got {window_growth}")
+    if delay is None:
+        delay = default_delay(shape.depth) if method == "dsm" else 0
+    if not 0 <= delay:
+        raise ValueError(f"delay must be >= 0, got {delay}")
+    per_block = parse_r(shape.depth, r)
+    per_block = [0 if i < delay else v for i, v in enumerate(per_block)]
+
+    p, n0 = shape.num_prefix, shape.num_patches
+    n = p + n0
+    local = method in ("spatial", "dsm")
+    blocks = []
+    for i, want in enumerate(per_block):
+        mode, win, nwin = "none", None, None
+        j = i - delay
+        if want > 0 and local and reduction == "merge" and j >= 0 and (local_blocks is None or j < local_blocks):
+            m = n - p
+            side = int(math.floor((window + j * window_growth) * math.sqrt(n0 / m) + 0.5))
+            if side < max(shape.grid):
+                mode, win = "local", max(side, 1)
+                wy, wx = num_windows(shape.grid, win)
+                nwin = wy * wx
+        if want > 0 and mode == "none":
+            mode = "global"
+        if mode == "local":
+            limit = max((n - p - nwin) // 2, 0)
+        elif reduction == "prune":
+            limit = max(n - p - 1, 0)
+        else:
+            limit = max_reduction(n, p)
+        got = min(want, limit)
+        if got == 0:
+            mode, win, nwin = "none", None, None
+        macs = _block_macs(shape, n, n - got, mode, nwin or 1, win, feature, reduction)
+        blocks.append(BlockPlan(i, mode, got, n, n - got, win, nwin, macs))
+        n -= got
+
+    c = shape.dim
+    stem = n0 * c * shape.in_chans * shape.patch[0] * shape.patch[1]
+    stem += (p + n0) * c if shape.norm_pre else 0
+    head = n * c if shape.final_norm else 0
+    if shape.global_pool == "avg":
+        head += (n - p) * c if any(b.r for b in blocks) else c  # size-weighted once merged
+    head += c if shape.fc_norm else 0
+    head += c * shape.num_classes * (2 if shape.distilled_head else 1)
+    options = dict(r=r, delay=delay, window=window, window_growth=window_growth,
+                   local_blocks=local_blocks, feature=feature, reduction=reduction,
+                   prop_attn=prop_attn)
+    return Schedule(method, shape, blocks, options, stem, head)
