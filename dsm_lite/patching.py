@@ -327,26 +327,35 @@ def attention_bias(module: nn.Module) -> Optional[Tensor]:
 
 
 @torch.no_grad()
-def trace_sources(model: nn.Module, images: Tensor) -> Tuple[Tensor, Tensor]:
+def trace_sources(model: nn.Module, images: Tensor,
+                  after_block: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """Run a patched model with source tracking; return (logits, groups).
 
-    ``groups`` is (B, H, W) long: for each patch, the index of the final token holding it
-    (among the patch tokens, prefix excluded). Patches sharing an index were merged together.
+    ``groups`` is (B, H, W) long: for each patch, the index of the token holding it (among
+    the patch tokens, prefix excluded) at the end of the network, or right after block
+    ``after_block``. Patches sharing an index were merged together.
     """
     if not is_patched(model):
         raise ValueError("trace_sources needs a model patched by dsm_lite.patch")
     st: MergeState = model._dsm_state
+    depth = len(model.blocks)
+    last = depth - 1 if after_block is None else after_block
+    if not 0 <= last < depth:
+        raise ValueError(f"after_block must be in [0, {depth}), got {after_block}")
+    seen = {}
+    hook = model.blocks[last].register_forward_hook(lambda *_: seen.update(source=st.source))
     old, st.trace_source = st.trace_source, True
     try:
         logits = model(images)
-        source = st.source
-        b = images.shape[0]
-        h, w = st.grid
-        p = st.num_prefix
-        if source is None:  # nothing merged: every patch is its own group
-            groups = torch.arange(h * w, device=images.device).expand(b, -1)
-        else:
-            groups = source[:, p:, p:].argmax(dim=1)
-        return logits, groups.reshape(b, h, w)
     finally:
         st.trace_source = old
+        hook.remove()
+    b = images.shape[0]
+    h, w = st.grid
+    p = st.num_prefix
+    source = seen.get("source")
+    if source is None:  # nothing merged yet: every patch is its own group
+        groups = torch.arange(h * w, device=images.device).expand(b, -1)
+    else:
+        groups = source[:, p:, p:].argmax(dim=1)
+    return logits, groups.reshape(b, h, w)
