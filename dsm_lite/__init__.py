@@ -6,3 +6,13 @@ from .measure import Throughput, count_macs, interleaved_throughput, measure_thr
 from .schedules import BlockPlan, Schedule, default_delay, parse_r
 
 __version__ = "0.1.0"
+
+from .models import DEFAULT_MODEL, load_model, pick_device, predict, topk_accuracy, weights_fingerprint
+from .data import ImageSet, load_images, load_photo
+
+from . import plots, probes
+from .probes import AttentionProbe, ProbeResult, measure_sim, run_probe, token_similarity, transition_block
+
+from . import evaluation, matching_steps
+from .evaluation import (BootstrapCI, EvalResult, bootstrap_ci, evaluate, paired_bootstrap, plot_tradeoff,
+                         plot_tradeoffs, sweep, wilson_ci)

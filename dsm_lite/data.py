@@ -1,0 +1,199 @@
+"""The two ImageNet-labelled photo sets of the book, preprocessed with timm's data config.
+
+- ``imagenet-sample``: 1000 JPEGs, one per ImageNet-1k class (EliSchwartz/imagenet-sample-images).
+- ``imagenette-val``: 3925 JPEGs of 10 classes (Imagenette's validation split, thunderInfy/imagenette).
+
+Files come from ``$DSM_LITE_ASSETS`` when set, else they are downloaded (only those needed)
+and sha256-checked into ``$DSM_LITE_CACHE`` (see :mod:`dsm_lite._assets`).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
+import timm.data
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+from ._assets import AssetNotFoundError, assets_dir, fetch, manifest
+
+__all__ = ["DATASETS", "ImageSet", "CorruptImageError", "load_images", "load_photo",
+           "list_files", "class_names", "data_config"]
+
+DATASETS = ("imagenet-sample", "imagenette-val")
+
+
+class CorruptImageError(RuntimeError):
+    """An image file cannot be decoded (truncated or not an image)."""
+
+
+@dataclass
+class ImageSet:
+    """A preprocessed photo set.
+
+    images: (N, 3, H, W) float32, normalised with the model's mean/std.
+    labels: (N,) int64 ImageNet-1k class indices.
+    paths: N relative paths (``<set>/<file>``), as in the assets folder.
+    class_names: the 1000 ImageNet-1k class names (``class_names[labels[i]]``).
+    labels10 / classes10: for imagenette-val, the 10-way index (N,) and the 10 ImageNet indices.
+    """
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    paths: List[str]
+    class_names: List[str]
+    labels10: Optional[torch.Tensor] = None
+    classes10: Optional[List[int]] = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@lru_cache(maxsize=None)
+def _imagenet_info() -> timm.data.ImageNetInfo:
+    return timm.data.ImageNetInfo("imagenet-1k")
+
+
+def class_names() -> List[str]:
+    """Short human-readable names of the 1000 ImageNet-1k classes (first WordNet lemma)."""
+    return [d.split(",")[0].strip() for d in _imagenet_info().label_descriptions()]
+
+
+def _label(rel: str) -> int:
+    """ImageNet-1k index of a file, from the WordNet id that starts its name or folder."""
+    return _wnid_to_index()[rel.split("/")[1].split("_")[0]]
+
+
+@lru_cache(maxsize=None)
+def _wnid_to_index() -> Dict[str, int]:
+    return {w: i for i, w in enumerate(_imagenet_info().label_names())}
+
+
+def _files(name: str) -> Dict[str, str]:
+    if name not in DATASETS:
+        raise ValueError(f"Unknown image set {name!r}; choose one of {DATASETS}.")
+    return manifest(name)
+
+
+def list_files(name: str = "imagenet-sample") -> List[str]:
+    """All files of an image set, as sorted relative paths (``<set>/...``); nothing is downloaded."""
+    return list(_files(name))
+
+
+def data_config(model: Union[nn.Module, Dict[str, Any], str, None] = None) -> Dict[str, Any]:
+    """timm's eval data config for ``model`` (a module, a config dict, a model name, or None = default ViT-Ti)."""
+    if isinstance(model, dict):
+        return model
+    if isinstance(model, nn.Module):
+        return timm.data.resolve_model_data_config(model)
+    from .models import DEFAULT_MODEL
+    cfg = timm.models.get_pretrained_cfg(model or DEFAULT_MODEL)
+    return timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict())
+
+
+def _local_path(rel: str, sha256: str, base_url: Optional[str]) -> Path:
+    root = assets_dir()
+    if root is None:
+        return fetch(rel, sha256, base_url=base_url)
+    path = root / rel
+    if not path.is_file():
+        raise AssetNotFoundError(f"{path} not found; DSM_LITE_ASSETS={root} lacks it.")
+    return path
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now, so a truncated file fails here rather than in a transform
+            return img.convert("RGB")  # some ImageNet photos are greyscale
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise CorruptImageError(f"Cannot decode image {path}: {e}") from None
+
+
+def _choose(rels: List[str], n: Optional[int], seed: int, stratified: bool) -> List[str]:
+    """A seeded subset of ``rels`` of size ``n``, kept in manifest order.
+
+    Stratified: classes get ``n // C`` or one more photo each (which classes get the extra
+    one is seeded), so subsets stay class-balanced.
+    """
+    if n is None:
+        return rels
+    if not 0 < n <= len(rels):
+        raise ValueError(f"n={n} photos asked for, but the set has {len(rels)}; use n <= {len(rels)}.")
+    rng = np.random.default_rng(seed)
+    if not stratified:
+        return [rels[i] for i in sorted(rng.choice(len(rels), size=n, replace=False))]
+    by_class: Dict[int, List[int]] = {}
+    for i, r in enumerate(rels):
+        by_class.setdefault(_label(r), []).append(i)
+    classes = sorted(by_class)
+    quota = {c: n // len(classes) for c in classes}
+    for c in rng.permutation(classes)[: n % len(classes)]:
+        quota[int(c)] += 1
+    short = [c for c in classes if quota[c] > len(by_class[c])]
+    if short:
+        raise ValueError(f"n={n} needs {quota[short[0]]} photos of class {short[0]}, which has "
+                         f"{len(by_class[short[0]])}; use stratified=False or a smaller n.")
+    chosen = [int(i) for c in classes for i in rng.choice(by_class[c], size=quota[c], replace=False)]
+    return [rels[i] for i in sorted(chosen)]
+
+
+def load_images(
+    name: str = "imagenet-sample",
+    model: Union[nn.Module, Dict[str, Any], str, None] = None,
+    n: Optional[int] = None,
+    seed: int = 0,
+    stratified: bool = True,
+    base_url: Optional[str] = None,
+) -> ImageSet:
+    """Load and preprocess ``n`` photos of ``name`` (all when None) for ``model``.
+
+    Preprocessing is timm's eval transform for the model's data config (for the default
+    ViT-Ti: resize 248 bicubic, centre crop 224, mean = std = 0.5). The subset is seeded
+    and, when ``stratified``, class-balanced. ``base_url`` (or ``$DSM_LITE_DATA_URL``)
+    replaces the public sources by a mirror laid out like the assets folder.
+    """
+    files = _files(name)
+    rels = _choose(list(files), n, seed, stratified)
+    transform = timm.data.create_transform(**data_config(model), is_training=False)
+    paths = [_local_path(r, files[r], base_url) for r in rels]
+
+    def prep(path: Path) -> torch.Tensor:
+        return transform(_open_rgb(path))
+
+    # PIL decodes and resizes with the GIL released, so threads give a real speed-up.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        images = torch.stack(list(pool.map(prep, paths)))
+    labels = torch.tensor([_label(r) for r in rels], dtype=torch.long)
+    out = ImageSet(name, images, labels, rels, class_names())
+    if name == "imagenette-val":
+        out.classes10 = sorted({_label(r) for r in files})
+        out.labels10 = torch.tensor([out.classes10.index(int(l)) for l in labels], dtype=torch.long)
+    return out
+
+
+def load_photo(
+    path_or_index: Union[str, os.PathLike, int], name: str = "imagenet-sample", base_url: Optional[str] = None
+) -> Image.Image:
+    """One raw RGB photo (PIL), for visualisations.
+
+    ``path_or_index``: an index into the set's sorted files, a relative path as in
+    :attr:`ImageSet.paths`, or any image file on disk.
+    """
+    if isinstance(path_or_index, int):
+        files = _files(name)
+        rel = list(files)[path_or_index]
+        return _open_rgb(_local_path(rel, files[rel], base_url))
+    rel = str(path_or_index)
+    group = rel.split("/")[0]
+    if group in DATASETS and rel in _files(group):
+        return _open_rgb(_local_path(rel, manifest(group)[rel], base_url))
+    if not Path(rel).is_file():
+        raise FileNotFoundError(f"{rel} is neither a file nor a photo of {DATASETS}.")
+    return _open_rgb(Path(rel))

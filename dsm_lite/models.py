@@ -1,0 +1,147 @@
+"""Pretrained timm Vision Transformers, loaded offline or from the hub, and a weights fingerprint."""
+from __future__ import annotations
+
+import hashlib
+from typing import Optional, Sequence, Union
+
+import timm
+import torch
+from torch import nn
+
+from ._assets import AssetNotFoundError, ChecksumError, OfflineError, assets_dir, assets_sums, manifest, sha256_file
+
+__all__ = [
+    "DEFAULT_MODEL", "UnknownModelError", "NotAViTError",
+    "pick_device", "load_model", "weights_fingerprint", "predict", "topk_accuracy",
+]
+
+DEFAULT_MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+
+
+class UnknownModelError(ValueError):
+    """timm has no model (or no pretrained tag) of that name."""
+
+
+class NotAViTError(ValueError):
+    """The model is not a ``timm.models.VisionTransformer``, so dsm_lite cannot patch it."""
+
+
+def pick_device() -> torch.device:
+    """``cuda`` if a GPU is visible, else ``cpu``."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_name(name: str) -> None:
+    arch, tag = timm.models.split_model_name_tag(name)
+    if not timm.is_model(arch):
+        raise UnknownModelError(
+            f"timm has no model called {arch!r}; see timm.list_models('vit_*') for the ViTs it knows."
+        )
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:
+        cfg = None
+    if cfg is None:
+        raise UnknownModelError(
+            f"timm has no pretrained weights called {name!r}; see timm.list_pretrained({arch + '*'!r})."
+        )
+    # Building on the meta device allocates nothing, so even a huge model is checked in ~0.1 s.
+    with torch.device("meta"):
+        skeleton = timm.create_model(name, pretrained=False)
+    if not isinstance(skeleton, timm.models.VisionTransformer):
+        raise NotAViTError(
+            f"{name!r} builds a {type(skeleton).__name__}, not a timm VisionTransformer; "
+            "dsm_lite only handles ViTs (e.g. vit_tiny_patch16_224.augreg_in21k_ft_in1k)."
+        )
+
+
+def _verified_weights_file(name: str) -> Optional[str]:
+    """Path of ``$DSM_LITE_ASSETS/weights/<name>.safetensors`` after checking its sha256.
+
+    Returns None when ``DSM_LITE_ASSETS`` is unset (weights then come from the hub).
+    The file must match ``SHA256SUMS`` in the assets folder and, for models whose checksum
+    ships with dsm_lite, that checksum too, so a swapped ``SHA256SUMS`` does not pass.
+    """
+    root = assets_dir()
+    if root is None:
+        return None
+    rel = f"weights/{name}.safetensors"
+    path = root / rel
+    if not path.is_file():
+        raise AssetNotFoundError(
+            f"{path} not found. Put the weights there (listed in SHA256SUMS), or unset "
+            f"DSM_LITE_ASSETS to download {name!r} from the Hugging Face hub."
+        )
+    listed = {src: sums[rel] for src, sums in (("SHA256SUMS", assets_sums(root)),
+                                                ("dsm_lite's manifest", manifest("weights"))) if rel in sums}
+    if not listed:
+        raise ChecksumError(f"No sha256 for {rel} in {root / 'SHA256SUMS'}; add its line there.")
+    actual = sha256_file(path)
+    for src, expected in listed.items():
+        if actual != expected:
+            raise ChecksumError(
+                f"{path} has sha256 {actual}, but {src} says {expected}. "
+                "The file is corrupt or not the published one; re-copy it."
+            )
+    return str(path)
+
+
+def load_model(name: str = DEFAULT_MODEL, device: Union[str, torch.device, None] = None) -> nn.Module:
+    """A pretrained timm ViT in eval mode on ``device`` (None: :func:`pick_device`).
+
+    With ``$DSM_LITE_ASSETS`` set, the weights are ``$DSM_LITE_ASSETS/weights/<name>.safetensors``
+    (sha256-checked) loaded by timm itself; otherwise timm downloads them from the hub.
+    Raises :class:`UnknownModelError`, :class:`NotAViTError`, ``AssetNotFoundError``,
+    ``ChecksumError`` or ``OfflineError``, each saying what to set or download.
+    """
+    _check_name(name)
+    file = _verified_weights_file(name)
+    overlay = dict(file=file) if file else None
+    try:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
+    except Exception as e:  # hub errors come from several libraries; only network ones are remapped
+        if not _is_network_error(e):
+            raise
+        raise OfflineError(
+            f"Could not download {name!r} from the Hugging Face hub ({type(e).__name__}). "
+            "Without internet, set DSM_LITE_ASSETS to a folder holding weights/<name>.safetensors."
+        ) from e
+    return model.eval().to(device if device is not None else pick_device())
+
+
+def _is_network_error(e: BaseException) -> bool:
+    try:
+        from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+        hub = (LocalEntryNotFoundError, OfflineModeIsEnabled)
+    except ImportError:  # older huggingface_hub
+        hub = ()
+    return isinstance(e, hub + (ConnectionError, TimeoutError)) or "connect" in type(e).__name__.lower()
+
+
+@torch.no_grad()
+def weights_fingerprint(model: nn.Module) -> str:
+    """First 12 hex digits of a sha256 over the state dict (names, shapes, float32 CPU bytes).
+
+    Same weights give the same fingerprint on any device or dtype they were loaded in.
+    """
+    h = hashlib.sha256()
+    for key, t in model.state_dict().items():
+        t = t.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{key}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+    """Logits (N, num_classes) on CPU for preprocessed ``images`` (N, 3, H, W), in batches."""
+    device = next(model.parameters()).device
+    return torch.cat([model(images[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict:
+    """``{k: fraction of rows whose label is among the k largest logits}``; logits (N, C), labels (N,)."""
+    top = logits.topk(max(ks), dim=1).indices
+    hit = top == labels.view(-1, 1)
+    return {k: hit[:, :k].any(dim=1).double().mean().item() for k in ks}  # float64: k/N prints exactly

@@ -1,0 +1,298 @@
+"""Plotting helpers for the dsm_lite book (matplotlib, plain functions).
+
+Every function draws on a given ``ax`` (or creates a figure), labels its axes
+and returns the axes / figure; none calls ``plt.show()``. Inputs are plain
+tensors or arrays, usually per photo and per block, so that spread over photos
+can be drawn as bands.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+__all__ = [
+    "to_numpy",
+    "denormalize",
+    "band",
+    "plot_percentile_band",
+    "plot_mean_ci",
+    "plot_sim_per_block",
+    "plot_delta_sim",
+    "plot_attention_shares",
+    "plot_received_outliers_vs_rest",
+    "plot_norm_ratio",
+    "show_patch_marks",
+    "show_grid_maps",
+    "merge_overlay",
+    "show_merges",
+]
+
+
+def to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=float)
+
+
+def denormalize(img, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> np.ndarray:
+    """(3, H, W) normalised tensor -> (H, W, 3) array in [0, 1] for imshow."""
+    x = to_numpy(img)
+    x = x * np.asarray(std)[:, None, None] + np.asarray(mean)[:, None, None]
+    return np.clip(x.transpose(1, 2, 0), 0, 1)
+
+
+def band(values, low: float = 10, high: float = 90, axis: int = 0):
+    """(median, low percentile, high percentile) of ``values`` over ``axis``."""
+    v = to_numpy(values)
+    return np.median(v, axis=axis), np.percentile(v, low, axis=axis), np.percentile(v, high, axis=axis)
+
+
+def plot_percentile_band(ax, values, x=None, low: float = 10, high: float = 90, label=None,
+                         color=None, marker="o", **kw):
+    """Median line over photos (dim 0) with a shaded [low, high] percentile band."""
+    med, lo, hi = band(values, low, high)
+    x = np.arange(len(med)) if x is None else np.asarray(x)
+    line, = ax.plot(x, med, marker=marker, label=label, color=color, **kw)
+    ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    return ax
+
+
+def plot_mean_ci(ax, mean, lo, hi, x=None, label=None, color=None, marker="o", **kw):
+    """Mean line with a shaded confidence interval [lo, hi]."""
+    mean, lo, hi = to_numpy(mean), to_numpy(lo), to_numpy(hi)
+    x = np.arange(len(mean)) if x is None else np.asarray(x)
+    line, = ax.plot(x, mean, marker=marker, label=label, color=color, **kw)
+    ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.25, linewidth=0)
+    return ax
+
+
+def _block_axis(ax, n_blocks: int, xlabel: str = "block l"):
+    ax.set_xticks(range(n_blocks))
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+
+
+def plot_sim_per_block(ax, sim_in_ci: Tuple, sim_mid_ci: Tuple, transition: Optional[int] = None,
+                       title: Optional[str] = None):
+    """Paper Figures 2/8: Sim of the tokens entering attention (X^l) and leaving
+    it (X̄^l = X^l + MHA(X^l)) per block. Each ``*_ci`` is (mean, lo, hi) over
+    photos, e.g. from :func:`dsm_lite.probes.bootstrap_ci`."""
+    plot_mean_ci(ax, *sim_in_ci, label=r"entering attention, Sim($X^l$)")
+    plot_mean_ci(ax, *sim_mid_ci, label=r"leaving attention, Sim($\bar X^l$)", marker="s")
+    n = len(to_numpy(sim_in_ci[0]))
+    _block_axis(ax, n)
+    ax.set_ylabel("Sim (mean pairwise cosine similarity)")
+    if transition is not None:
+        ax.axvline(transition - 0.5, color="k", ls="--", lw=1, label=f"transition (D = {transition})")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_delta_sim(ax, delta_ci: Tuple, transition: Optional[int] = None, title: Optional[str] = None):
+    """ΔSim = Sim(X̄^l) - Sim(X^l) per block as bars (red: divergent, < 0;
+    blue: convergent, > 0) with error bars [lo, hi]."""
+    mean, lo, hi = (to_numpy(v) for v in delta_ci)
+    x = np.arange(len(mean))
+    colors = np.where(mean > 0, "tab:blue", "tab:red")
+    ax.bar(x, mean, color=colors, alpha=0.8)
+    ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], fmt="none", ecolor="k", capsize=3, lw=1)
+    ax.axhline(0, color="k", lw=0.8)
+    _block_axis(ax, len(mean))
+    ax.set_ylabel(r"$\Delta$Sim = Sim($\bar X^l$) $-$ Sim($X^l$)")
+    if transition is not None:
+        ax.axvline(transition - 0.5, color="k", ls="--", lw=1)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="tab:red", label="divergent (< 0)"),
+                       Patch(color="tab:blue", label="convergent (> 0)")], fontsize=8)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_attention_shares(ax, shares: dict, uniform: Optional[float] = None, low=10, high=90,
+                          log: bool = False):
+    """Share of all attention taken by groups of tokens per block.
+
+    ``shares``: {label: (photos, blocks) tensor}; drawn as median with a
+    [low, high] percentile band. ``uniform``: reference share of one token
+    under uniform attention (1/N)."""
+    for label, v in shares.items():
+        plot_percentile_band(ax, v, low=low, high=high, label=label)
+    n = to_numpy(next(iter(shares.values()))).shape[1]
+    if uniform is not None:
+        ax.axhline(uniform, color="grey", ls=":", label=f"one token, uniform attention (1/N = {uniform:.4f})")
+    _block_axis(ax, n)
+    ax.set_ylabel("share of all attention (mean over heads, queries)")
+    if log:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_received_outliers_vs_rest(ax, per_token_outlier, per_token_rest, uniform: Optional[float] = None,
+                                   low=10, high=90, blocks: Optional[Sequence[int]] = None):
+    """Paper Figure 1 (right): attention received *per token* by the outlier
+    tokens vs by the other patch tokens, per block, log-scale y.
+    Inputs: (photos, blocks) tensors (NaN where a photo has no outlier)."""
+    x = np.arange(to_numpy(per_token_rest).shape[1]) if blocks is None else np.asarray(blocks)
+    for v, label in ((per_token_outlier, "high-norm outlier token"), (per_token_rest, "other patch token")):
+        a = to_numpy(v)
+        keep = ~np.isnan(a).all(axis=0)
+        med = np.nanmedian(a[:, keep], axis=0)
+        lo = np.nanpercentile(a[:, keep], low, axis=0)
+        hi = np.nanpercentile(a[:, keep], high, axis=0)
+        line, = ax.plot(x[keep], med, marker="o", label=label)
+        ax.fill_between(x[keep], lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    if uniform is not None:
+        ax.axhline(uniform, color="grey", ls=":", label="uniform attention (1/N)")
+    ax.set_yscale("log")
+    _block_axis(ax, len(x))
+    ax.set_ylabel("attention received per token (log scale)")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_norm_ratio(ax, max_ratio, threshold: Optional[float] = None, emergence: Optional[int] = None,
+                    low=10, high=90, label="largest patch-token norm / median"):
+    """Largest patch-token norm divided by the median patch-token norm, per
+    block, median over photos with a percentile band, log-scale y."""
+    plot_percentile_band(ax, max_ratio, low=low, high=high, label=label)
+    if threshold is not None:
+        ax.axhline(threshold, color="tab:red", ls=":", label=f"outlier threshold ({threshold:g}x median)")
+    if emergence is not None:
+        ax.axvline(emergence, color="k", ls="--", lw=1, label=f"outliers from block {emergence} on")
+    ax.set_yscale("log")
+    _block_axis(ax, to_numpy(max_ratio).shape[1], xlabel="block l (norms of its output tokens)")
+    ax.set_ylabel("norm ratio (log scale)")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def show_patch_marks(images, masks, grid_size: Tuple[int, int], titles: Optional[Sequence[str]] = None,
+                     ncols: int = 4, patch: int = 16, color="red", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                     figsize_per=2.6):
+    """Photos with chosen patches outlined. ``masks``: (n, P) bool over patch
+    tokens (row-major on ``grid_size``). Returns the figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    n = len(images)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(figsize_per * ncols, figsize_per * nrows), squeeze=False)
+    gw = grid_size[1]
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        ax.imshow(denormalize(images[i], mean, std))
+        idx = np.flatnonzero(to_numpy(masks[i]) > 0)
+        for j in idx:
+            r, c = divmod(int(j), gw)
+            ax.add_patch(Rectangle((c * patch - 0.5, r * patch - 0.5), patch, patch, fill=False,
+                                   edgecolor=color, linewidth=2))
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=8)
+    return fig
+
+
+def show_grid_maps(maps, grid_size: Tuple[int, int], titles: Sequence[str], row_labels: Optional[Sequence[str]] = None,
+                   images=None, log: bool = True, cmap="viridis", figsize_per=1.9, cbar_label="attention received",
+                   mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    """Grid of patch-grid heatmaps. ``maps``: (rows, cols, P) over patch
+    tokens; optional ``images`` (rows, 3, H, W) drawn in a first column.
+    One shared colour scale (log10 if ``log``). Returns the figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm, Normalize
+
+    m = to_numpy(maps)
+    rows, cols = m.shape[:2]
+    extra = 1 if images is not None else 0
+    fig, axes = plt.subplots(rows, cols + extra, figsize=(figsize_per * (cols + extra) + 0.8, figsize_per * rows),
+                             squeeze=False)
+    pos = m[m > 0]
+    norm = LogNorm(vmin=pos.min(), vmax=pos.max()) if log else Normalize(vmin=m.min(), vmax=m.max())
+    im = None
+    for r in range(rows):
+        if images is not None:
+            axes[r, 0].imshow(denormalize(images[r], mean, std))
+            axes[r, 0].axis("off")
+            if r == 0:
+                axes[r, 0].set_title("photo", fontsize=8)
+        for c in range(cols):
+            ax = axes[r, c + extra]
+            im = ax.imshow(m[r, c].reshape(grid_size), cmap=cmap, norm=norm)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c], fontsize=8)
+        if row_labels is not None:
+            axes[r, extra].set_ylabel(row_labels[r], fontsize=8)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=cbar_label + (" (log scale)" if log else ""))
+    return fig
+
+
+# --------------------------------------------------------------------------- merged groups
+def merge_overlay(image, groups, patch_size: int, alpha: float = 0.55, seed: int = 0) -> np.ndarray:
+    """Colour each merged group over a photo, with group borders drawn.
+
+    Args:
+        image: (3, H, W) normalised tensor or (H, W, 3) array in [0, 1].
+        groups: (h, w) group index per patch (e.g. from ``dsm_lite.trace_sources``); patches
+            with the same index were merged into one token.
+        patch_size: pixels per patch side (H = h * patch_size).
+        alpha: opacity of the group colour over merged groups; patches left alone stay clear.
+
+    Returns:
+        (H, W, 3) float array in [0, 1].
+    """
+    img = denormalize(image) if np.asarray(to_numpy(image)).shape[0] == 3 else to_numpy(image)
+    g = to_numpy(groups).astype(np.int64)
+    px = np.kron(g, np.ones((patch_size, patch_size), dtype=np.int64))[: img.shape[0], : img.shape[1]]
+    ids, inverse, counts = np.unique(px, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(px.shape)
+    palette = np.random.default_rng(seed).uniform(0.15, 1.0, size=(len(ids), 3))
+    merged = (counts > patch_size * patch_size)[inverse]  # groups of more than one patch
+    out = img.copy()
+    out[merged] = (1 - alpha) * img[merged] + alpha * palette[inverse][merged]
+    edge = np.zeros(px.shape, dtype=bool)
+    edge[:, 1:] |= px[:, 1:] != px[:, :-1]
+    edge[1:, :] |= px[1:, :] != px[:-1, :]
+    out[edge] = 0.1
+    return np.clip(out, 0, 1)
+
+
+def show_merges(images, groups, patch_size: int, titles: Sequence[str], row_labels: Optional[Sequence[str]] = None,
+                windows: Optional[Sequence[Optional[int]]] = None, size: float = 2.6):
+    """A grid of merge overlays: ``groups[row][col]`` over ``images[col]``.
+
+    ``windows[row]`` (patches, or None) draws that row's window borders in red, e.g. the
+    windows of the first local block of spatial merging or DSM.
+    """
+    import matplotlib.pyplot as plt
+
+    rows, cols = len(groups), len(groups[0])
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False)
+    for i in range(rows):
+        for j in range(cols):
+            ax = axes[i][j]
+            over = merge_overlay(images[j], groups[i][j], patch_size)
+            ax.imshow(over)
+            window = windows[i] if windows is not None else None
+            if window:
+                step = window * patch_size
+                for k in range(step, over.shape[0], step):
+                    ax.axhline(k - 0.5, color="red", lw=1.5)
+                for k in range(step, over.shape[1], step):
+                    ax.axvline(k - 0.5, color="red", lw=1.5)
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(titles[j], fontsize=9)
+            if row_labels is not None and j == 0:
+                ax.set_ylabel(row_labels[i], fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,60 @@
+"""Shared fixtures: the offline assets folder and a loopback HTTP mirror of it."""
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def real_assets() -> Path:
+    """The real assets folder: $DSM_LITE_ASSETS, or ../shared/assets beside the repo (CI sets the former)."""
+    from dsm_lite._assets import assets_dir
+
+    root = assets_dir() if os.environ.get("DSM_LITE_ASSETS") else None
+    root = root or (REPO.parent / "shared" / "assets")
+    if not (root / "SHA256SUMS").is_file():
+        pytest.skip("real assets not found: set DSM_LITE_ASSETS to the offline assets folder")
+    return root.resolve()
+
+
+@pytest.fixture
+def with_assets(real_assets: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("DSM_LITE_ASSETS", str(real_assets))
+    return real_assets
+
+
+@pytest.fixture
+def serve():
+    """``serve(folder) -> base URL`` of a loopback-only HTTP server; stopped after the test."""
+    servers = []
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # keep pytest output clean
+            pass
+
+    def start(folder: Path) -> str:
+        handler = functools.partial(Quiet, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.timeout = 5
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        # Safety net: the server shuts itself down even if teardown never runs (daemon: never
+        # keeps the interpreter alive).
+        timer = threading.Timer(300, server.shutdown)
+        timer.daemon = True
+        timer.start()
+        servers.append((server, timer))
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server, timer in servers:
+        timer.cancel()
+        server.shutdown()
+        server.server_close()

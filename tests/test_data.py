@@ -1,0 +1,116 @@
+"""load_images / load_photo: labels, subsets, odd files, and the verified download path."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsm_lite._assets import ChecksumError, DownloadError, fetch, manifest
+from dsm_lite.data import CorruptImageError, _choose, class_names, load_images, load_photo
+
+APOSTROPHE = "imagenet-sample/n03590841_jack-o'-lantern.JPEG"
+GREY = "imagenet-sample/n02096051_Airedale.JPEG"
+
+
+def test_manifest_is_complete() -> None:
+    assert len(manifest("imagenet-sample")) == 1000 and len(manifest("imagenette-val")) == 3925
+    assert len(manifest("weights")) == 1
+
+
+def test_imagenet_sample_labels_follow_sorted_order(with_assets: Path) -> None:
+    s = load_images("imagenet-sample", n=None, seed=0)
+    assert s.images.shape == (1000, 3, 224, 224) and s.images.dtype == torch.float32
+    assert torch.equal(s.labels, torch.arange(1000))  # sorted file names = class-index order
+    assert s.paths == sorted(s.paths)
+    assert s.class_names[0] == "tench" and len(s.class_names) == 1000
+    assert -1.0 <= s.images.min() and s.images.max() <= 1.0  # mean = std = 0.5
+
+
+def test_imagenette_labels(with_assets: Path) -> None:
+    s = load_images("imagenette-val", n=20, seed=1)
+    assert s.classes10 == [0, 217, 482, 491, 497, 566, 569, 571, 574, 701]
+    assert torch.equal(s.labels, torch.tensor(s.classes10)[s.labels10])
+    assert s.labels10.bincount().tolist() == [2] * 10
+    names = [class_names()[i] for i in s.classes10]
+    assert names[:3] == ["tench", "English springer", "cassette player"]
+
+
+def test_stratified_subset_deterministic_and_balanced(with_assets: Path) -> None:
+    rels = list(manifest("imagenette-val"))
+    a, b = _choose(rels, 55, 3, True), _choose(rels, 55, 3, True)
+    assert a == b and a != _choose(rels, 55, 4, True)
+    counts = torch.tensor([int(r.split("/")[1] == w) for r in a for w in sorted({r.split("/")[1] for r in rels})])
+    per_class = counts.view(55, 10).sum(0)
+    assert per_class.max() - per_class.min() <= 1 and per_class.sum() == 55
+    s1, s2 = load_images("imagenet-sample", n=8, seed=5), load_images("imagenet-sample", n=8, seed=5)
+    assert s1.paths == s2.paths and torch.equal(s1.images, s2.images)
+    assert len(set(s1.labels.tolist())) == 8
+
+
+def test_n_too_large(with_assets: Path) -> None:
+    with pytest.raises(ValueError, match="has 1000"):
+        load_images("imagenet-sample", n=1001)
+    with pytest.raises(ValueError, match="Unknown image set"):
+        load_images("imagenet-full")
+
+
+def test_greyscale_and_apostrophe(with_assets: Path) -> None:
+    for rel in (GREY, APOSTROPHE):
+        img = load_photo(rel)
+        assert img.mode == "RGB" and min(img.size) > 100
+    assert load_photo(0).size == load_photo("imagenet-sample/n01440764_tench.JPEG").size
+
+
+def test_corrupt_image(tmp_path: Path, with_assets: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = tmp_path / "truncated.JPEG"
+    bad.write_bytes((with_assets / GREY).read_bytes()[:2000])
+    with pytest.raises(CorruptImageError, match="truncated.JPEG"):
+        load_photo(bad)
+    # Through load_images too: a fake assets folder whose chosen photo is truncated.
+    fake = tmp_path / "assets"
+    (fake / "imagenet-sample").mkdir(parents=True)
+    rels = _choose(list(manifest("imagenet-sample")), 2, 0, True)
+    (fake / rels[0]).symlink_to(with_assets / rels[0])
+    (fake / rels[1]).write_bytes((with_assets / rels[1]).read_bytes()[:1000])
+    monkeypatch.setenv("DSM_LITE_ASSETS", str(fake))
+    with pytest.raises(CorruptImageError, match=rels[1].split("/")[1]):
+        load_images("imagenet-sample", n=2, seed=0)
+
+
+@pytest.fixture
+def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("DSM_LITE_ASSETS", raising=False)
+    monkeypatch.delenv("DSM_LITE_DATA_URL", raising=False)
+    monkeypatch.setenv("DSM_LITE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_download_from_mirror(real_assets: Path, offline_cache: Path, serve, monkeypatch) -> None:
+    monkeypatch.setenv("DSM_LITE_DATA_URL", serve(real_assets))
+    s = load_images("imagenette-val", n=10, seed=0)
+    assert len(s) == 10 and s.labels10.tolist() == list(range(10))
+    downloaded = sorted(p.relative_to(offline_cache).as_posix() for p in offline_cache.rglob("*") if p.is_file())
+    assert downloaded == sorted(s.paths)  # only what the subset needs, nothing partial
+    assert load_photo(APOSTROPHE).mode == "RGB"  # URL-quoted name
+    for rel in [*s.paths, APOSTROPHE]:
+        assert hashlib.sha256((offline_cache / rel).read_bytes()).hexdigest() == manifest(rel.split("/")[0])[rel]
+
+
+def test_download_checksum_mismatch_and_404(real_assets: Path, offline_cache: Path, serve, tmp_path: Path) -> None:
+    mirror = tmp_path / "mirror" / "imagenet-sample"
+    mirror.mkdir(parents=True)
+    rel_bad, rel_missing = "imagenet-sample/n01440764_tench.JPEG", "imagenet-sample/n01443537_goldfish.JPEG"
+    shutil.copy(real_assets / GREY, tmp_path / "mirror" / rel_bad)  # a valid JPEG, but the wrong one
+    url = serve(tmp_path / "mirror")
+    files = manifest("imagenet-sample")
+    with pytest.raises(ChecksumError, match="expected"):
+        fetch(rel_bad, files[rel_bad], base_url=url)
+    with pytest.raises(DownloadError, match="404"):
+        fetch(rel_missing, files[rel_missing], base_url=url)
+    with pytest.raises(DownloadError, match="404"):
+        load_images("imagenet-sample", n=3, base_url=url)
+    leftovers = [p for p in offline_cache.rglob("*") if p.is_file()]
+    assert leftovers == []

@@ -1,0 +1,256 @@
+"""dsm_lite.evaluation: per-photo metrics, the sweep cache (hits, misses, corruption),
+uncertainty (bootstrap, paired bootstrap, Wilson) and the trade-off plots."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import dsm_lite
+from dsm_lite import evaluation as ev
+from dsm_lite import count_macs, is_patched, patch, unpatch
+
+from reference import small_vit
+
+N = 12
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return small_vit(seed=1)
+
+
+@pytest.fixture
+def model(vit):
+    unpatch(vit)
+    yield vit
+    unpatch(vit)
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(N, 3, 64, 64, generator=g), torch.randint(0, 10, (N,), generator=g)
+
+
+# --------------------------------------------------------------------------- metrics
+def test_per_image_metrics_known_case():
+    dense = torch.tensor([[3.0, 1, 0, 0, 0, 0], [0, 2.0, 1, 0, 0, 0], [0, 0, 0, 0, 1, 5.0]])
+    labels = torch.tensor([0, 2, 3])
+    same = ev.per_image_metrics(dense, dense, labels)
+    assert same.agree.all() and np.all(same.kl == 0)
+    assert same.correct1.tolist() == [True, False, False]
+    assert same.correct5.tolist() == [True, True, True]
+    other = dense.clone()
+    other[0] = torch.tensor([0, 3.0, 0, 0, 0, 0])
+    res = ev.per_image_metrics(other, dense, labels)
+    assert res.agree.tolist() == [False, True, True]
+    p, q = torch.softmax(dense[0].double(), 0), torch.softmax(other[0].double(), 0)
+    assert res.kl[0] == pytest.approx(float((p * (p / q).log()).sum()), rel=1e-12)
+    assert res.kl[1] == res.kl[2] == 0
+    assert res.top1_acc == 0 and res.agreement == pytest.approx(2 / 3)
+
+
+def test_evaluate_r0_agrees_and_state_is_restored(model, data):
+    x, y = data
+    dense = ev.dense_logits(model, x, batch_size=5, progress=False)
+    with torch.no_grad():
+        assert torch.allclose(dense, model(x), atol=1e-5)
+    patch(model, "tome", 4, prop_attn=False)
+    res = ev.evaluate(model, x, labels=y, batch_size=5, progress=False)  # dense computed inside
+    st = model._dsm_state
+    assert is_patched(model) and st.method == "tome" and st.options["r"] == 4 and not st.prop_attn
+    assert len(res) == N and res.top5.shape == (N, 5)
+    unpatch(model)
+    res0 = ev.evaluate(model, x, labels=y, dense=dense, batch_size=5, progress=False)
+    assert res0.agreement == 1.0 and res0.mean_kl == 0.0
+
+
+# --------------------------------------------------------------------------- sweep and cache
+CONFIGS = [dict(method="tome", r=0), dict(method="tome", r=3),
+           dict(method="dsm", r=3, delay=1, label="DSM D=1")]
+
+
+def _sweep(model, data, tmp_path, configs=CONFIGS, **kw):
+    x, y = data
+    return ev.sweep(model, x, configs, cache_dir=tmp_path, labels=y, batch_size=5,
+                    progress=False, n_boot=200, **kw)
+
+
+def test_sweep_columns_macs_and_restores_patch(model, data, tmp_path):
+    patch(model, "spatial", 2, window=2)
+    df = _sweep(model, data, tmp_path)
+    assert is_patched(model) and model._dsm_state.method == "spatial"
+    assert model._dsm_state.options["window"] == 2
+    unpatch(model)
+    for col in ("label", "method", "r", "delay", "prop_attn", "gmacs", "tokens_out", "top1",
+                "top5", "agreement", "kl", "top1_lo", "top1_hi", "agreement_lo", "kl_hi",
+                "d_top1", "d_top1_lo", "d_top1_hi", "cached", "result"):
+        assert col in df.columns, col
+    assert df.label.tolist() == ["ToMe", "ToMe", "DSM D=1"]
+    assert df.delay.tolist() == [0, 0, 1]
+    assert df.agreement[0] == 1.0 and df.kl[0] == 0.0 and df.d_top1[0] == 0.0
+    assert df.tokens_out[0] == 65 and df.tokens_out[1] == 65 - 4 * 3
+    for cfg, gmacs in zip(CONFIGS, df.gmacs):
+        opts = {k: v for k, v in cfg.items() if k != "label"}
+        patch(model, **opts)
+        assert gmacs * 1e9 == count_macs(model, (3, 64, 64))
+        unpatch(model)
+    # merged results equal a direct evaluation
+    patch(model, "tome", 3)
+    direct = ev.evaluate(model, data[0], labels=data[1], batch_size=5, progress=False)
+    unpatch(model)
+    np.testing.assert_array_equal(df.result[1].pred, direct.pred)
+    np.testing.assert_allclose(df.result[1].kl, direct.kl, rtol=1e-6, atol=1e-9)
+
+
+def test_cache_hit_is_identical(model, data, tmp_path):
+    first = _sweep(model, data, tmp_path)
+    assert not first.cached.any()
+    second = _sweep(model, data, tmp_path)
+    assert second.cached.all()
+    for a, b in zip(first.result, second.result):
+        for k, v in a._arrays().items():
+            np.testing.assert_array_equal(v, b._arrays()[k])
+    cols = [c for c in first.columns if c not in ("cached", "result")]
+    assert first[cols].equals(second[cols])
+
+
+def test_cache_misses_on_config_code_images_and_weights(model, data, tmp_path, monkeypatch):
+    _sweep(model, data, tmp_path, configs=CONFIGS[1:2])
+    assert _sweep(model, data, tmp_path, configs=CONFIGS[1:2]).cached.all()
+    # another config (an option spelled out with its default is the same config)
+    assert _sweep(model, data, tmp_path, configs=[dict(method="tome", r=3, prop_attn=True)]).cached.all()
+    assert not _sweep(model, data, tmp_path, configs=[dict(method="tome", r=3, prop_attn=False)]).cached.any()
+    assert not _sweep(model, data, tmp_path, configs=[dict(method="tome", r=2)]).cached.any()
+    # other photos
+    x, y = data
+    assert not _sweep(model, (x.flip(0), y.flip(0)), tmp_path, configs=CONFIGS[1:2]).cached.any()
+    # another version of dsm_lite's code
+    monkeypatch.setattr(ev, "code_hash", lambda: "0123456789abcdef")
+    assert not _sweep(model, data, tmp_path, configs=CONFIGS[1:2]).cached.any()
+    monkeypatch.undo()
+    assert _sweep(model, data, tmp_path, configs=CONFIGS[1:2]).cached.all()
+    # other weights
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    try:
+        assert not _sweep(model, data, tmp_path, configs=CONFIGS[1:2]).cached.any()
+    finally:
+        with torch.no_grad():
+            model.head.bias.sub_(1.0)
+
+
+def test_code_hash_changes_with_source(tmp_path, monkeypatch):
+    h = ev.code_hash()
+    assert h == ev.code_hash() and len(h) == 16
+    fake = tmp_path / "dsm_lite"
+    fake.mkdir()
+    (fake / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(ev, "__file__", str(fake / "evaluation.py"))
+    one = ev.code_hash()
+    (fake / "a.py").write_text("x = 2\n")
+    assert ev.code_hash() != one
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate", "empty", "flip"])
+def test_corrupt_cache_file_is_ignored_and_recomputed(model, data, tmp_path, damage):
+    first = _sweep(model, data, tmp_path, configs=CONFIGS[1:2])
+    files = [f for f in tmp_path.glob("*.npz") if not f.name.startswith("dense-")]
+    assert len(files) == 1
+    blob = files[0].read_bytes()
+    if damage == "garbage":
+        files[0].write_bytes(b"not a cache file")
+    elif damage == "truncate":
+        files[0].write_bytes(blob[: len(blob) // 2])
+    elif damage == "empty":
+        files[0].write_bytes(b"")
+    else:  # one byte changed inside the stored arrays: the zip CRC catches it
+        i = len(blob) // 3
+        files[0].write_bytes(blob[:i] + bytes([blob[i] ^ 0xFF]) + blob[i + 1:])
+    again = _sweep(model, data, tmp_path, configs=CONFIGS[1:2])
+    assert not again.cached.any()
+    for k, v in first.result[0]._arrays().items():
+        np.testing.assert_array_equal(v, again.result[0]._arrays()[k])
+    assert _sweep(model, data, tmp_path, configs=CONFIGS[1:2]).cached.all()  # rewritten
+    assert not list(tmp_path.glob(".part-*"))
+
+
+def test_cache_disabled_writes_nothing(model, data, tmp_path):
+    x, y = data
+    df = ev.sweep(model, x, CONFIGS[1:2], cache_dir=False, labels=y, progress=False, n_boot=50)
+    assert not df.cached.any() and not list(tmp_path.iterdir())
+
+
+def test_unknown_config_key_is_rejected(model, data, tmp_path):
+    with pytest.raises(ValueError, match="unknown config keys"):
+        _sweep(model, data, tmp_path, configs=[dict(method="tome", r=2, windw=3)])
+
+
+# --------------------------------------------------------------------------- uncertainty
+def test_paired_bootstrap_identical_is_zero():
+    a = np.random.default_rng(0).random(100) > 0.3
+    ci = ev.paired_bootstrap(a, a.copy())
+    assert (ci.estimate, ci.lo, ci.hi) == (0.0, 0.0, 0.0) and not ci.excludes_zero
+
+
+def test_paired_bootstrap_detects_a_large_shift_and_not_a_null():
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=300)
+    shifted = base + 0.5 + 0.1 * rng.normal(size=300)
+    ci = ev.paired_bootstrap(shifted, base)
+    assert ci.excludes_zero and ci.lo < 0.5 < ci.hi
+    noise = base + 0.1 * rng.normal(size=300)
+    assert not ev.paired_bootstrap(noise, base, seed=3).excludes_zero
+    # pairing matters: the same shift hidden in large photo-to-photo spread
+    wide = rng.normal(scale=5.0, size=300)
+    assert ev.paired_bootstrap(wide + 0.5, wide).excludes_zero
+
+
+def test_paired_bootstrap_is_seeded():
+    rng = np.random.default_rng(2)
+    a, b = rng.random(50), rng.random(50)
+    assert tuple(ev.paired_bootstrap(a, b, seed=5)) == tuple(ev.paired_bootstrap(a, b, seed=5))
+    med = ev.paired_bootstrap(a, b, stat=np.median)
+    assert med.estimate == pytest.approx(np.median(a) - np.median(b))
+
+
+def test_wilson_known_values():
+    ci = ev.wilson_ci(8, 10)
+    assert ci.estimate == 0.8
+    assert ci.lo == pytest.approx(0.4902, abs=1e-4) and ci.hi == pytest.approx(0.9433, abs=1e-4)
+    assert tuple(ev.wilson_ci(np.array([1, 1, 0, 1, 1, 1, 1, 0, 1, 1]))) == tuple(ci)
+    assert ev.wilson_ci(0, 20).lo == 0.0 and ev.wilson_ci(20, 20).hi == 1.0
+
+
+def test_ci_coverage_on_synthetic_rates():
+    """95% intervals of a Bernoulli(0.7) rate from 150 photos cover 0.7 about 95% of the time."""
+    rng = np.random.default_rng(0)
+    reps, p = 300, 0.7
+    boot = wil = 0
+    for i in range(reps):
+        x = rng.random(150) < p
+        _, lo, hi = ev.bootstrap_ci(x, n_boot=400, seed=i)
+        boot += lo <= p <= hi
+        w = ev.wilson_ci(x)
+        wil += w.lo <= p <= w.hi
+    assert 0.90 <= boot / reps <= 0.99
+    assert 0.92 <= wil / reps <= 0.99
+
+
+# --------------------------------------------------------------------------- plots
+def test_plot_tradeoff(model, data, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = _sweep(model, data, tmp_path)
+    fig, ax = plt.subplots()
+    ev.plot_tradeoff(ax, df, x="gmacs", y="top1", by="method", annotate_r=True)
+    assert ax.get_xlabel() == "GMACs per image" and "%" in ax.get_ylabel()
+    assert len(ax.get_lines()) == 2 and len(ax.collections) == 2  # curves and bands
+    plt.close(fig)
+    fig = ev.plot_tradeoffs(df, ys=("top1", "agreement", "kl"))
+    assert len(fig.axes) == 3 and "nats" in fig.axes[2].get_ylabel()
+    plt.close(fig)
