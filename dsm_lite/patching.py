@@ -24,14 +24,13 @@ from torch import Tensor, nn
 
 from .merging import (Merge, bipartite_soft_matching, merge_source, merge_wavg,
                       prune_lowest_norm, window_soft_matching)
-from .schedules import ModelShape, RSpec, Schedule, plan
+from .schedules import RANDOM_FEATURE_DIM, ModelShape, RSpec, Schedule, plan
 from .windows import window_ids
 
 __all__ = ["MergeState", "patch", "unpatch", "is_patched", "schedule", "attention_bias",
            "trace_sources", "SUPPORTED_POOLS"]
 
 SUPPORTED_POOLS = ("token", "avg", "")
-_RANDOM_FEATURE_DIM = 64
 
 
 class MergeState:
@@ -66,7 +65,7 @@ class MergeState:
 
     def schedule_for(self, grid: Tuple[int, int]) -> Schedule:
         """The schedule for a patch grid (cached: it depends on the grid, not the image)."""
-        grid = tuple(grid)
+        grid = tuple(int(g) for g in grid)
         if grid not in self._schedules:
             shape = ModelShape(**{**self._shape.__dict__, "grid": grid})
             self._schedules[grid] = plan(shape, self.method, **self.options)
@@ -77,7 +76,8 @@ class MergeState:
         self._clear()
         pe = model.patch_embed
         if getattr(model, "dynamic_img_size", False) and hasattr(pe, "dynamic_feat_size"):
-            grid = tuple(pe.dynamic_feat_size(images.shape[-2:]))
+            # ints, not tensors: under a jit trace (count_macs) the sizes come back as tensors
+            grid = tuple(int(g) for g in pe.dynamic_feat_size(images.shape[-2:]))
         else:
             grid = tuple(pe.grid_size)
         self.grid = grid
@@ -100,7 +100,7 @@ class MergeState:
         step = self.schedule.blocks[index]
         metric = self.metric
         if self.options["feature"] == "random":
-            shape = (x.shape[0], x.shape[1], _RANDOM_FEATURE_DIM)
+            shape = (x.shape[0], x.shape[1], RANDOM_FEATURE_DIM)
             metric = torch.randn(shape, generator=self.generator).to(x.device, x.dtype)
         if self.options["reduction"] == "prune":
             return prune_lowest_norm(metric, step.r, self.num_prefix)
@@ -274,12 +274,13 @@ def patch(
         ValueError: an option is invalid (nothing is changed).
     """
     _check_supported(model)
-    if is_patched(model):
-        unpatch(model)
     options = dict(r=r, delay=delay, window=window, window_growth=window_growth,
                    local_blocks=local_blocks, feature=feature, reduction=reduction,
                    prop_attn=prop_attn)
-    state = MergeState(model, method, options, prop_attn, trace_source, seed)  # validates
+    # validate before touching the model: a rejected call leaves any previous patch in place
+    state = MergeState(model, method, options, prop_attn, trace_source, seed)
+    if is_patched(model):
+        unpatch(model)
     model._dsm_state = state
     model.__class__ = _patched_class(model.__class__, "model")
     for i, block in enumerate(model.blocks):

@@ -20,22 +20,28 @@ __all__ = ["RSpec", "BlockPlan", "Schedule", "ModelShape", "parse_r", "default_d
 RSpec = Union[int, Sequence[int], Tuple[int, float]]
 METHODS = ("tome", "spatial", "dsm")
 FEATURES = ("k", "q", "v", "x", "random")
+#: channels of the random similarity feature (the paper's "random" ablation)
+RANDOM_FEATURE_DIM = 64
 
 
 def parse_r(num_blocks: int, r: RSpec) -> List[int]:
     """Tokens to remove in each block, as ToMe's ``parse_r``.
 
-    ``r`` is an int (the same in every block), a per-block list (padded with zeros), or
-    ToMe's ``(r, inflection)`` schedule: a linear ramp from ``r * (1 - inflection)`` to
-    ``r * (1 + inflection)`` with the same total, truncated to ints as ToMe does.
+    ``r`` is an int (the same in every block), a per-block list (padded with zeros), or,
+    as in ToMe, any 2-tuple ``(r, inflection)``: a linear ramp from ``r * (1 - inflection)``
+    to ``r * (1 + inflection)`` with the same total, truncated to ints as ToMe does
+    (``(r, -1)`` decreases to zero). Per-block values must therefore be a list.
     """
+    def is_number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
     if isinstance(r, bool):
         raise TypeError("r must be an int, a list of ints or an (r, inflection) tuple")
     if isinstance(r, int):
         r, inflect = r, 0.0
-    elif isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
-        r, inflect = r
-    elif isinstance(r, (list, tuple)):
+    elif isinstance(r, tuple) and len(r) == 2 and all(map(is_number, r)):
+        r, inflect = int(r[0]), float(r[1])
+    elif isinstance(r, list):
         values = [int(v) for v in r]
         if len(values) > num_blocks:
             raise ValueError(f"r lists {len(values)} blocks but the model has {num_blocks}")
@@ -46,6 +52,8 @@ def parse_r(num_blocks: int, r: RSpec) -> List[int]:
         raise TypeError(f"r must be an int, a list of ints or an (r, inflection) tuple, got {r!r}")
     if r < 0:
         raise ValueError(f"r must be non-negative, got {r}")
+    if not -1.0 <= inflect <= 1.0:
+        raise ValueError(f"inflection must be in [-1, 1], got {inflect}")
     low = int(r * (1.0 - inflect))
     high = 2 * r - low
     step = (high - low) / max(num_blocks - 1, 1)
@@ -213,7 +221,7 @@ def _block_macs(s: ModelShape, n_in: int, n_out: int, mode: str, windows: int,
         if feature in ("k", "q", "v"):
             macs += n_in * hd  # mean over heads
         if reduction == "merge":
-            fd = c if feature == "x" else hd
+            fd = {"x": c, "random": RANDOM_FEATURE_DIM}.get(feature, hd)
             if mode == "local":
                 half = (window * window + 1) // 2
                 macs += windows * half * half * fd
@@ -309,7 +317,7 @@ def plan(
             mode, win, nwin = "none", None, None
         macs = _block_macs(shape, n, n - got, mode, nwin or 1, win, feature, reduction)
         blocks.append(BlockPlan(i, mode, got, n, n - got, win, nwin, macs))
-        n -= got
+        n = n - got
 
     c = shape.dim
     stem = n0 * c * shape.in_chans * shape.patch[0] * shape.patch[1]
