@@ -25,7 +25,7 @@ __all__ = [
 
 MANIFEST_DIR = Path(__file__).parent / "manifests"
 
-# Pinned commits of the public homes of the two image sets (see /work/shared/assets/README.md).
+# Pinned commits of the public homes of the two image sets (see the assets folder's README.md).
 # A mirror given through DSM_LITE_DATA_URL must be laid out like the assets folder instead.
 SOURCES = {
     "imagenet-sample": (
