@@ -4,6 +4,7 @@ from .merging import Merge, bipartite_soft_matching, merge_source, merge_wavg, w
 from .patching import attention_bias, is_patched, patch, schedule, trace_sources, unpatch
 from .measure import Throughput, count_macs, interleaved_throughput, measure_throughput
 from .schedules import BlockPlan, Schedule, default_delay, parse_r
+from .numerics import book_numerics
 
 __version__ = "0.1.0"
 
