@@ -134,12 +134,16 @@ def test_book_numerics_turns_tf32_off_everywhere():
         torch.backends.cudnn.allow_tf32 = True
         torch.set_float32_matmul_precision("medium")
         book_numerics(seed=3)
-        assert numerics_report() == dict(matmul_tf32=False, cudnn_tf32=False, cudnn_benchmark=False,
+        assert numerics_report() == dict(default_dtype=torch.float64, matmul_tf32=False, cudnn_tf32=False, cudnn_benchmark=False,
                                          cudnn_deterministic=True, float32_matmul_precision="highest")
         a = torch.rand(3)
+        assert a.dtype == torch.float64
         book_numerics(seed=3)
         assert torch.equal(a, torch.rand(3))  # seeded
+        book_numerics(seed=3, dtype=torch.float32)
+        assert torch.rand(3).dtype == torch.float32
     finally:
+        torch.set_default_dtype(old["default_dtype"])
         torch.backends.cuda.matmul.allow_tf32 = old["matmul_tf32"]
         torch.backends.cudnn.allow_tf32 = old["cudnn_tf32"]
         torch.backends.cudnn.benchmark = old["cudnn_benchmark"]
