@@ -29,40 +29,12 @@ import timm
 import torch
 
 import dsm_lite
-
-# aten ops the merging code uses and the transformer blocks do not (or barely) use
-CATEGORIES = {
-    "sorts": ("aten::sort", "aten::argsort", "aten::topk"),
-    "gathers/scatters": ("aten::gather", "aten::scatter", "aten::scatter_", "aten::scatter_reduce",
-                         "aten::index_copy_", "aten::index_copy"),
-    "similarity/matching": ("aten::bmm", "aten::matmul", "aten::linalg_vector_norm",
-                            "aten::norm", "aten::max", "aten::masked_fill", "aten::one_hot",
-                            "aten::cumsum", "aten::clamp_min", "aten::fill_", "aten::mean",
-                            "aten::log", "aten::eq", "aten::remainder", "aten::floor_divide"),
-}
+from dsm_lite.measure import time_breakdown
 
 
 def build(name: str, device: torch.device) -> torch.nn.Module:
     # random weights: speed does not depend on the values, and this runs anywhere
     return timm.create_model(name, pretrained=False).eval().to(device)
-
-
-def breakdown(model, x) -> Dict[str, float]:
-    """Share of CPU/GPU self time per category for one forward pass."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
-    with torch.no_grad():
-        model(x)
-        with profile(activities=acts) as prof:
-            model(x)
-    totals: Dict[str, float] = defaultdict(float)
-    for ev in prof.key_averages():
-        t = ev.self_device_time_total if x.is_cuda else ev.self_cpu_time_total
-        cat = next((c for c, ops in CATEGORIES.items() if ev.key in ops), "transformer")
-        totals[cat] += t
-    whole = sum(totals.values()) or 1.0
-    return {k: v / whole for k, v in totals.items()}
 
 
 def main(argv: List[str] | None = None) -> None:
@@ -120,7 +92,7 @@ def main(argv: List[str] | None = None) -> None:
         print("  where the time goes (share of profiled op time, one batch, largest r):")
         for method in args.methods:
             dsm_lite.patch(model, method, r=max(args.r))
-            parts = breakdown(model, x)
+            parts = time_breakdown(model, x)
             text = ", ".join(f"{k} {v:.1%}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
             print(f"    {method:<8} {text}")
         dsm_lite.unpatch(model)

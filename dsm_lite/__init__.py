@@ -2,7 +2,8 @@
 
 from .merging import Merge, bipartite_soft_matching, merge_source, merge_wavg, window_soft_matching
 from .patching import attention_bias, is_patched, patch, schedule, trace_sources, unpatch
-from .measure import Throughput, count_macs, interleaved_throughput, measure_throughput
+from .measure import Throughput, count_macs, interleaved_throughput, measure_throughput, time_breakdown
+from .devices import DeviceMismatchError, DeviceUnavailableError
 from .schedules import BlockPlan, Schedule, default_delay, parse_r
 from .numerics import book_numerics
 
@@ -14,6 +15,6 @@ from .data import ImageSet, load_images, load_photo
 from . import plots, probes
 from .probes import AttentionProbe, ProbeResult, measure_sim, run_probe, token_similarity, transition_block
 
-from . import evaluation, matching_steps
+from . import devices, evaluation, matching_steps
 from .evaluation import (BootstrapCI, EvalResult, bootstrap_ci, evaluate, paired_bootstrap, plot_tradeoff,
                          plot_tradeoffs, sweep, wilson_ci)

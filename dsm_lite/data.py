@@ -37,8 +37,9 @@ class CorruptImageError(RuntimeError):
 class ImageSet:
     """A preprocessed photo set.
 
-    images: (N, 3, H, W) float32, normalised with the model's mean/std.
-    labels: (N,) int64 ImageNet-1k class indices.
+    images: (N, 3, H, W) float32, normalised with the model's mean/std, on the CPU (the
+        package's functions move each batch to the model's device themselves).
+    labels: (N,) int64 ImageNet-1k class indices, on the CPU.
     paths: N relative paths (``<set>/<file>``), as in the assets folder.
     class_names: the 1000 ImageNet-1k class names (``class_names[labels[i]]``).
     labels10 / classes10: for imagenette-val, the 10-way index (N,) and the 10 ImageNet indices.
@@ -157,7 +158,8 @@ def load_images(
     Preprocessing is timm's eval transform for the model's data config (for the default
     ViT-Ti: resize 248 bicubic, centre crop 224, mean = std = 0.5). The subset is seeded
     and, when ``stratified``, class-balanced. ``base_url`` (or ``$DSM_LITE_DATA_URL``)
-    replaces the public sources by a mirror laid out like the assets folder.
+    replaces the public sources by a mirror laid out like the assets folder. The tensors are
+    on the CPU, whatever device ``model`` is on.
     """
     files = _files(name)
     rels = _choose(list(files), n, seed, stratified)

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .devices import model_device
+
 __all__ = [
     "EvalResult", "BootstrapCI", "predict_logits", "dense_logits", "per_image_metrics",
     "evaluate", "sweep", "sweep_cache_dir", "code_hash", "images_hash", "config_key",
@@ -146,12 +148,12 @@ def predict_logits(model: nn.Module, images, batch_size: int = 64, progress: boo
                    desc: str = "forward") -> Tensor:
     """Logits (N, K) float32 on CPU of ``model`` (as currently patched) on ``images``.
 
-    ``images``: (N, 3, H, W) tensor or an ``ImageSet``. Runs on the model's device (``load_model``
-    puts it on CUDA when present), in batches, in eval mode; a tqdm bar on stderr unless
-    ``progress=False``.
+    ``images``: (N, 3, H, W) tensor or an ``ImageSet``, on any device: each batch is moved to
+    the model's device (``load_model`` puts it on CUDA when present). Runs in batches, in eval
+    mode; a tqdm bar on stderr unless ``progress=False``.
     """
     x = _images_tensor(images)
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     out = []
@@ -206,7 +208,8 @@ def _repatch(model: nn.Module, saved) -> None:
 
 
 def dense_logits(model: nn.Module, images, batch_size: int = 64, progress: bool = True) -> Tensor:
-    """Logits (N, K) of the model *without* merging (temporarily unpatched if patched)."""
+    """Logits (N, K) float32 on CPU of the model *without* merging (temporarily unpatched if
+    patched); ``images`` as in :func:`predict_logits` (any device)."""
     with _Unpatched(model):
         return predict_logits(model, images, batch_size, progress, desc="dense")
 
@@ -217,7 +220,18 @@ def per_image_metrics(logits: Tensor, dense: Tensor, labels: Optional[Tensor],
 
     Without labels, ``correct1``/``correct5`` are all False. KL(dense || model) is computed
     in float64 from log-softmaxes, so it is exactly 0 when the logits are equal.
+
+    The inputs may be on any device (each is moved to the CPU first); the result holds numpy
+    arrays.
     """
+    t = _metric_tensors(logits, dense, labels)
+    return EvalResult(*(t[k].numpy() for k in ("pred", "top5", "correct1", "correct5", "agree", "kl")),
+                      t["logits"].numpy() if keep_logits else None)
+
+
+def _metric_tensors(logits: Tensor, dense: Tensor, labels: Optional[Tensor]) -> Dict[str, Tensor]:
+    """The tensor part of :func:`per_image_metrics` (no host synchronisation): the fields of
+    :class:`EvalResult` as CPU tensors, whatever device the inputs are on."""
     logits, dense = logits.float().cpu(), dense.float().cpu()
     if logits.shape != dense.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and dense logits {tuple(dense.shape)} differ")
@@ -234,9 +248,8 @@ def per_image_metrics(logits: Tensor, dense: Tensor, labels: Optional[Tensor],
     lp = torch.log_softmax(logits.double(), dim=1)
     lq = torch.log_softmax(dense.double(), dim=1)
     kl = (lq.exp() * (lq - lp)).sum(dim=1).clamp_min(0.0)
-    return EvalResult(pred.numpy(), top5.numpy(), correct1.numpy(), correct5.numpy(),
-                      (pred == dense_pred).numpy(), kl.numpy(),
-                      logits.numpy() if keep_logits else None)
+    return dict(pred=pred, top5=top5, correct1=correct1, correct5=correct5,
+                agree=pred == dense_pred, kl=kl, logits=logits)
 
 
 def evaluate(model: nn.Module, images, labels: Optional[Tensor] = None,
@@ -246,10 +259,11 @@ def evaluate(model: nn.Module, images, labels: Optional[Tensor] = None,
 
     Args:
         model: a timm ViT, patched by ``dsm_lite.patch`` or not.
-        images: an ``ImageSet`` (labels taken from it) or an (N, 3, H, W) tensor.
-        labels: (N,) ImageNet-1k class indices (default: ``images.labels``).
-        dense: (N, K) logits of the dense model on the same photos; computed (model
-            temporarily unpatched) when None.
+        images: an ``ImageSet`` (labels taken from it) or an (N, 3, H, W) tensor, on any
+            device (batches are moved to the model's device).
+        labels: (N,) ImageNet-1k class indices (default: ``images.labels``), any device.
+        dense: (N, K) logits of the dense model on the same photos, any device; computed
+            (model temporarily unpatched) when None.
         batch_size: photos per forward pass.
         progress: show tqdm bars on stderr (pass False in notebooks).
         keep_logits: keep the (N, K) logits in the result.
@@ -488,7 +502,8 @@ def sweep(
             filled in), the dense logits, the hash of dsm_lite's source, the torch and timm
             versions, device type, dtype and batch size; files are written atomically and
             unreadable or mismatching files are recomputed, so a stale entry is never served.
-        dense: (N, K) dense logits on these photos; computed (and cached) when None.
+        dense: (N, K) dense logits on these photos (any device); computed (and cached) when
+            None.
         batch_size: photos per forward pass.
         progress: tqdm bars on stderr (pass False in notebooks).
         n_boot, seed: bootstrap over photos for the ``*_lo``/``*_hi`` columns.
@@ -514,6 +529,10 @@ def sweep(
 
     if labels is None:
         labels = getattr(images, "labels", None)
+    if labels is not None:
+        labels = labels.cpu()
+    if dense is not None:  # analysis runs on the CPU, whatever device the logits came from
+        dense = dense.detach().float().cpu()
     n = len(_images_tensor(images))
     saved = _patch_state(model)
     use_cache = cache_dir is not False
@@ -610,7 +629,7 @@ def _add_throughput(model, configs, rows, options) -> None:
     from .measure import interleaved_throughput
 
     kwargs = dict(options) if isinstance(options, dict) else {}
-    kwargs.setdefault("device", next(model.parameters()).device)
+    kwargs.setdefault("device", model_device(model))
     setups = []
     for config in configs:
         cfg = _normalise_config(config)

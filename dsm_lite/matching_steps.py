@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .devices import model_device
 from .merging import Merge, bipartite_soft_matching, max_reduction
 
 __all__ = ["block_metric", "MatchingSteps", "matching_steps", "one_step_groups", "plot_matching"]
@@ -34,6 +35,9 @@ def block_metric(model: nn.Module, images: Tensor, block: int = 0, feature: str 
     heads, computed with the block's own ``qkv`` (and ``k_norm``/``q_norm``) on the tokens
     entering its attention. Works on a dense or patched model (then N is the merged count);
     the forward pass stops at that block.
+
+    ``images`` (B, 3, H, W) may be on any device: they are moved to the model's device, and
+    the feature is returned there (pass it on to :func:`matching_steps` as it is).
     """
     attn = model.blocks[block].attn
     box = {}
@@ -48,9 +52,8 @@ def block_metric(model: nn.Module, images: Tensor, block: int = 0, feature: str 
         raise _Stop
 
     handle = attn.register_forward_pre_hook(hook)
-    device = next(model.parameters()).device
     try:
-        model(images.to(device))
+        model(images.to(model_device(model)))
     except _Stop:
         pass
     finally:
@@ -70,8 +73,11 @@ class MatchingSteps:
         best_b: (Na,) for each A token, the index (into B) of its most similar B token.
         best_score: (Na,) that similarity: the weight of each A token's best edge.
         chosen: (r,) indices (into A) of the r A tokens whose best edges are merged, best first.
-        merge: the :class:`Merge` of ``bipartite_soft_matching`` (identical src and dst).
+        merge: the :class:`Merge` of ``bipartite_soft_matching`` (identical src and dst), its
+            index tensors on the CPU.
         num_protected: P, the prefix tokens.
+
+    Everything is on the CPU (numpy arrays), whatever device the metric came from.
     """
 
     a_pos: np.ndarray
@@ -98,6 +104,24 @@ class MatchingSteps:
         return self.b_pos[self.best_b[self.chosen]]
 
 
+def _step_tensors(m: Tensor, r: int, num_protected: int) -> Dict[str, Tensor]:
+    """The tensor part of :func:`matching_steps`, with no host synchronisation: every
+    intermediate of one matching of ``m`` (N, C), as tensors on ``m``'s device, keyed as the
+    fields of :class:`MatchingSteps` plus ``src`` and ``dst`` (sequence positions)."""
+    n = m.shape[0]
+    feats = m.float() / m.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    a_pos = torch.arange(0, n, 2, device=m.device)
+    b_pos = torch.arange(1, n, 2, device=m.device)
+    scores = feats[a_pos] @ feats[b_pos].T
+    na, nb = (num_protected + 1) // 2, num_protected // 2
+    scores[:na, :] = -math.inf
+    scores[:, :nb] = -math.inf
+    best_score, best_b = scores.max(dim=-1)
+    chosen = best_score.argsort(descending=True, stable=True)[:r]
+    return dict(a_pos=a_pos, b_pos=b_pos, scores=scores, best_b=best_b, best_score=best_score,
+                chosen=chosen, src=a_pos[chosen], dst=b_pos[best_b[chosen]])
+
+
 @torch.no_grad()
 def matching_steps(metric: Tensor, r: int, num_protected: int = 0) -> MatchingSteps:
     """Bipartite soft matching of ToMe on one image, step by step.
@@ -108,32 +132,31 @@ def matching_steps(metric: Tensor, r: int, num_protected: int = 0) -> MatchingSt
     4. the r A tokens with the highest best-edge scores are merged into their B partners.
 
     Args:
-        metric: (N, C) or (1, N, C) similarity feature of one image (see :func:`block_metric`).
+        metric: (N, C) or (1, N, C) similarity feature of one image (see :func:`block_metric`),
+            on any device: the steps are computed there.
         r: tokens to merge away, clamped as in ``bipartite_soft_matching``.
         num_protected: prefix tokens that never merge.
+
+    Returns:
+        A :class:`MatchingSteps`, entirely on the CPU (numpy arrays; ``merge`` holds CPU
+        tensors), ready for plotting.
+
     Raises:
         AssertionError: if the steps disagree with :func:`dsm_lite.bipartite_soft_matching`.
     """
     m = metric[0] if metric.dim() == 3 else metric
     if metric.dim() == 3 and metric.shape[0] != 1:
         raise ValueError("matching_steps takes one image: metric (N, C) or (1, N, C)")
-    n = m.shape[0]
-    r = min(r, max_reduction(n, num_protected))
-    feats = m.float() / m.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    a_pos, b_pos = torch.arange(0, n, 2), torch.arange(1, n, 2)
-    scores = feats[a_pos] @ feats[b_pos].T
-    na, nb = (num_protected + 1) // 2, num_protected // 2
-    scores[:na, :] = -math.inf
-    scores[:, :nb] = -math.inf
-    best_score, best_b = scores.max(dim=-1)
-    chosen = best_score.argsort(descending=True, stable=True)[:r]
+    r = min(r, max_reduction(m.shape[0], num_protected))
+    t = _step_tensors(m, r, num_protected)
     merge = bipartite_soft_matching(m[None], r, num_protected)
-    src, dst = a_pos[chosen], b_pos[best_b[chosen]]
+    t = {k: v.cpu() for k, v in t.items()}
+    merge = Merge(*(None if v is None else v.cpu() for v in (merge.src, merge.dst, merge.keep)))
     if r > 0:
-        assert torch.equal(merge.src[0].cpu(), src) and torch.equal(merge.dst[0].cpu(), dst), \
+        assert torch.equal(merge.src[0], t["src"]) and torch.equal(merge.dst[0], t["dst"]), \
             "step-by-step matching differs from bipartite_soft_matching"
-    return MatchingSteps(a_pos.numpy(), b_pos.numpy(), scores.cpu().numpy(), best_b.cpu().numpy(),
-                         best_score.cpu().numpy(), chosen.cpu().numpy(), merge, num_protected)
+    return MatchingSteps(*(t[k].numpy() for k in ("a_pos", "b_pos", "scores", "best_b",
+                                                 "best_score", "chosen")), merge, num_protected)
 
 
 def one_step_groups(steps: MatchingSteps, grid: Tuple[int, int]) -> np.ndarray:

@@ -1,16 +1,21 @@
-"""Measurement: MACs (torchprofile) and throughput (the paper's protocol, with spread)."""
+"""Measurement: MACs (torchprofile), throughput (the paper's protocol, with spread), and where
+the time of one forward pass goes (torch.profiler)."""
 from __future__ import annotations
 
 import math
 import time
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-__all__ = ["count_macs", "Throughput", "measure_throughput", "interleaved_throughput"]
+from .devices import DeviceMismatchError, check_available, check_same_device, model_device, same_device
+
+__all__ = ["count_macs", "Throughput", "measure_throughput", "interleaved_throughput",
+           "CATEGORIES", "time_breakdown", "split_self_time", "profiler_activities"]
 
 
 @torch.no_grad()
@@ -22,11 +27,14 @@ def count_macs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224
     does not know (sorts, gathers, scatters) count as zero MACs, which is what they are, and
     so does integer index arithmetic, which torchprofile would otherwise count as
     multiplies.
+
+    The traced input, one (1, *input_size) image of zeros, is made on the model's device in
+    its dtype, so the count runs wherever the model is.
     """
     from torchprofile import profile_macs
 
     param = next(model.parameters())
-    x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
+    x = torch.zeros(1, *input_size, device=model_device(model), dtype=param.dtype)
     was_training = model.training
     model.eval()
     try:
@@ -96,8 +104,26 @@ def interleaved_throughput(
     Each round runs every model once on the same random batch (device synchronised around
     each run); ``warmup`` rounds are discarded. ``setups[i]`` (optional) is called before
     model i runs, e.g. to patch a shared model with different options.
+
+    Devices: the batch is made on ``device``, which defaults to the device of the first
+    model that is an ``nn.Module`` (else :func:`dsm_lite.pick_device`). Every ``nn.Module``
+    among ``models`` must be on that device: a model elsewhere raises
+    :class:`~dsm_lite.devices.DeviceMismatchError` rather than timing a copy (plain callables
+    cannot be checked). A ``device`` this machine lacks raises
+    :class:`~dsm_lite.devices.DeviceUnavailableError`.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    modules = [m for m in models if isinstance(m, nn.Module)]
+    if device is not None:
+        device = check_available(device)
+    elif modules:
+        device = model_device(modules[0])
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for i, m in enumerate(models):
+        if isinstance(m, nn.Module) and not same_device(model_device(m), device):
+            raise DeviceMismatchError(f"interleaved_throughput: model {i} is on {model_device(m)} "
+                                      f"but the batch is made on {device}; put every model on one "
+                                      f"device (or pass device={str(model_device(m))!r})")
     x = torch.randn(batch_size, *input_size, device=device)
     times: List[List[float]] = [[] for _ in models]
     for step in range(warmup + runs):
@@ -117,5 +143,97 @@ def measure_throughput(model: nn.Module, batch_size: int = 32,
                        input_size: Tuple[int, int, int] = (3, 224, 224), runs: int = 50,
                        warmup: int = 5, device: Optional[torch.device] = None) -> Throughput:
     """Images per second of one model: fixed batch (32), warm-up discarded, ``runs`` timed
-    runs (at least 50 in the paper's protocol), device synchronised."""
+    runs (at least 50 in the paper's protocol), device synchronised. The batch is made on the
+    model's device (see :func:`interleaved_throughput` for ``device``)."""
     return interleaved_throughput([model], batch_size, input_size, runs, warmup, device)[0]
+
+
+# --------------------------------------------------------------------------- time breakdown
+#: aten ops the merging code uses and the transformer blocks do not (or barely) use; every
+#: other op counts as "transformer"
+CATEGORIES: Dict[str, Tuple[str, ...]] = {
+    "sorts": ("aten::sort", "aten::argsort", "aten::topk"),
+    "gathers/scatters": ("aten::gather", "aten::scatter", "aten::scatter_", "aten::scatter_reduce",
+                         "aten::index_copy_", "aten::index_copy"),
+    "similarity/matching": ("aten::bmm", "aten::matmul", "aten::linalg_vector_norm",
+                            "aten::norm", "aten::max", "aten::masked_fill", "aten::one_hot",
+                            "aten::cumsum", "aten::clamp_min", "aten::fill_", "aten::mean",
+                            "aten::log", "aten::eq", "aten::remainder", "aten::floor_divide"),
+}
+OTHER = "transformer"
+
+
+def category(op: str) -> str:
+    """The :data:`CATEGORIES` key of a profiler event name, or ``"transformer"``."""
+    return next((c for c, ops in CATEGORIES.items() if op in ops), OTHER)
+
+
+def profiler_activities(device: Union[str, torch.device]) -> List["torch.profiler.ProfilerActivity"]:
+    """What ``torch.profiler`` must record for a forward pass on ``device``: the CPU always
+    (the ops and their launches), plus CUDA (the kernels) on a CUDA device."""
+    from torch.profiler import ProfilerActivity
+
+    acts = [ProfilerActivity.CPU]
+    if torch.device(device).type == "cuda":
+        acts.append(ProfilerActivity.CUDA)
+    return acts
+
+
+def split_self_time(events: Iterable, on_device: bool) -> Dict[str, float]:
+    """Share of self time per category, from ``torch.profiler`` events (``key_averages()``).
+
+    Args:
+        events: profiler events with ``key``, ``device_type``, ``self_cpu_time_total`` and
+            ``self_device_time_total``.
+        on_device: count device (kernel) time, for a CUDA run; else CPU time. On the device,
+            only the ops (CPU-side events) are counted: each op's self device time already
+            holds the kernels it launched, which the profiler also lists as rows of their own,
+            so counting those too would count every kernel twice, under its kernel name.
+
+    Returns:
+        ``{category: share}``, shares summing to 1 (all 0 when nothing was timed).
+    """
+    from torch.autograd import DeviceType
+
+    totals: Dict[str, float] = defaultdict(float)
+    for ev in events:
+        if on_device:
+            if getattr(ev, "device_type", DeviceType.CPU) != DeviceType.CPU:
+                continue
+            t = ev.self_device_time_total
+        else:
+            t = ev.self_cpu_time_total
+        totals[category(ev.key)] += t
+    whole = sum(totals.values()) or 1.0
+    return {k: v / whole for k, v in totals.items()}
+
+
+def time_breakdown(model: nn.Module, x: torch.Tensor) -> Dict[str, float]:
+    """Where the time of one forward pass goes: share of op self time per category.
+
+    One untimed forward pass first (warm-up), then one under ``torch.profiler``, both under
+    ``no_grad`` and in the model's current mode. On a CUDA device the profiler records CUDA
+    activity too and the shares are of kernel time; on the CPU they are of CPU time.
+
+    Args:
+        model: a timm ViT, patched by ``dsm_lite.patch`` or not.
+        x: (B, 3, H, W) batch, on the model's device. Nothing is moved: a copy would be
+            profiled too, and a batch on the wrong device is a bug of the caller.
+
+    Returns:
+        ``{category: share of self time}``: the keys of :data:`CATEGORIES` that occurred plus
+        ``"transformer"`` (every other op); shares sum to 1.
+
+    Raises:
+        DeviceMismatchError: ``x`` is not on the model's device.
+    """
+    from torch.profiler import profile
+
+    device = check_same_device(model, x, what="x", where="time_breakdown")
+    with torch.no_grad():
+        model(x)
+        _sync(device)
+        with profile(activities=profiler_activities(device)) as prof:
+            model(x)
+            _sync(device)
+    return split_self_time(prof.key_averages(), on_device=device.type == "cuda")

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from ._assets import AssetNotFoundError, ChecksumError, OfflineError, assets_dir, assets_sums, manifest, sha256_file
+from .devices import DeviceUnavailableError, check_available, model_device
 
 __all__ = [
-    "DEFAULT_MODEL", "UnknownModelError", "NotAViTError",
+    "DEFAULT_MODEL", "UnknownModelError", "NotAViTError", "DeviceUnavailableError",
     "pick_device", "load_model", "weights_fingerprint", "predict", "topk_accuracy",
 ]
 
@@ -26,8 +27,16 @@ class NotAViTError(ValueError):
     """The model is not a ``timm.models.VisionTransformer``, so dsm_lite cannot patch it."""
 
 
-def pick_device() -> torch.device:
-    """``cuda`` if a GPU is visible, else ``cpu``."""
+def pick_device(device: Union[str, torch.device, None] = None) -> torch.device:
+    """The device to run on: ``device`` when given (checked to exist), else ``cuda`` if a GPU
+    is visible and ``cpu`` otherwise.
+
+    Raises:
+        DeviceUnavailableError: ``device`` names a device this machine lacks, e.g. ``"cuda"``
+            without a GPU.
+    """
+    if device is not None:
+        return check_available(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -92,8 +101,11 @@ def load_model(name: str = DEFAULT_MODEL, device: Union[str, torch.device, None]
     With ``$DSM_LITE_ASSETS`` set, the weights are ``$DSM_LITE_ASSETS/weights/<name>.safetensors``
     (sha256-checked) loaded by timm itself; otherwise timm downloads them from the hub.
     Raises :class:`UnknownModelError`, :class:`NotAViTError`, ``AssetNotFoundError``,
-    ``ChecksumError`` or ``OfflineError``, each saying what to set or download.
+    ``ChecksumError`` or ``OfflineError``, each saying what to set or download, and
+    :class:`~dsm_lite.devices.DeviceUnavailableError` (before loading anything) when ``device``
+    names a device this machine lacks, e.g. ``"cuda"`` without a GPU.
     """
+    device = pick_device(device)
     _check_name(name)
     file = _verified_weights_file(name)
     overlay = dict(file=file) if file else None
@@ -106,7 +118,7 @@ def load_model(name: str = DEFAULT_MODEL, device: Union[str, torch.device, None]
             f"Could not download {name!r} from the Hugging Face hub ({type(e).__name__}). "
             "Without internet, set DSM_LITE_ASSETS to a folder holding weights/<name>.safetensors."
         ) from e
-    return model.eval().to(device if device is not None else pick_device())
+    return model.eval().to(device)
 
 
 def _is_network_error(e: BaseException) -> bool:
@@ -134,14 +146,16 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
-    """Logits (N, num_classes) on CPU for preprocessed ``images`` (N, 3, H, W), in batches."""
-    device = next(model.parameters()).device
+    """Logits (N, num_classes) float32 on the CPU for preprocessed ``images`` (N, 3, H, W), in
+    batches; ``images`` may be on any device: each batch is moved to the model's device."""
+    device = model_device(model)
     return torch.cat([model(images[i:i + batch_size].to(device)).float().cpu()
                       for i in range(0, len(images), batch_size)])
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict:
-    """``{k: fraction of rows whose label is among the k largest logits}``; logits (N, C), labels (N,)."""
+    """``{k: fraction of rows whose label is among the k largest logits}``; logits (N, C), labels (N,),
+    each on any device (labels are moved to the logits' device)."""
     top = logits.topk(max(ks), dim=1).indices
-    hit = top == labels.view(-1, 1)
+    hit = top == labels.to(top.device).view(-1, 1)
     return {k: hit[:, :k].any(dim=1).double().mean().item() for k in ks}  # float64: k/N prints exactly

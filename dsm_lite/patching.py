@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .merging import (Merge, bipartite_soft_matching, merge_source, merge_wavg,
                       prune_lowest_norm, window_soft_matching)
+from .devices import model_device
 from .schedules import RANDOM_FEATURE_DIM, ModelShape, RSpec, Schedule, plan
 from .windows import window_ids
 
@@ -100,6 +101,8 @@ class MergeState:
         step = self.schedule.blocks[index]
         metric = self.metric
         if self.options["feature"] == "random":
+            # drawn on the CPU generator (the same draws on every device), then moved to the
+            # tokens' device
             shape = (x.shape[0], x.shape[1], RANDOM_FEATURE_DIM)
             metric = torch.randn(shape, generator=self.generator).to(x.device, x.dtype)
         if self.options["reduction"] == "prune":
@@ -265,13 +268,18 @@ def patch(
         prop_attn: proportional attention (add log(size) to attention logits).
         trace_source: track which patches each token holds (``model._dsm_state.source``).
         feature: similarity feature: ``"k"`` (keys averaged over heads, default), ``"q"``,
-            ``"v"``, ``"x"`` (the block input) or ``"random"`` (seeded by ``seed``).
+            ``"v"``, ``"x"`` (the block input) or ``"random"`` (seeded by ``seed``: drawn on
+            a CPU generator and moved to the tokens' device, so a seed gives the same draws
+            on every device).
         reduction: ``"merge"`` or ``"prune"`` (drop the lowest-norm tokens of ``feature``).
         delay, window, window_growth, local_blocks: spatial/DSM options, see ``plan``.
 
     Raises:
         TypeError: the model is not a supported timm ViT (nothing is changed).
         ValueError: an option is invalid (nothing is changed).
+
+    The patched model runs wherever it is: every tensor the merging creates (indices,
+    anchors, sizes, source maps) is made on the device of the tokens it works on.
     """
     _check_supported(model)
     options = dict(r=r, delay=delay, window=window, window_growth=window_growth,
@@ -332,9 +340,17 @@ def trace_sources(model: nn.Module, images: Tensor,
                   after_block: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """Run a patched model with source tracking; return (logits, groups).
 
-    ``groups`` is (B, H, W) long: for each patch, the index of the token holding it (among
-    the patch tokens, prefix excluded) at the end of the network, or right after block
-    ``after_block``. Patches sharing an index were merged together.
+    Args:
+        model: a model patched by :func:`patch`.
+        images: (B, 3, H, W) on any device: they are moved to the model's device (so a CPU
+            image set works with a model on the GPU).
+        after_block: read the groups right after this block (default: the last block).
+
+    Returns:
+        ``logits`` (B, K) and ``groups`` (B, h, w) long, both on the CPU. ``groups`` holds,
+        for each patch of the h x w grid, the index of the token holding it (among the patch
+        tokens, prefix excluded) at the end of the network, or right after block
+        ``after_block``. Patches sharing an index were merged together.
     """
     if not is_patched(model):
         raise ValueError("trace_sources needs a model patched by dsm_lite.patch")
@@ -347,7 +363,7 @@ def trace_sources(model: nn.Module, images: Tensor,
     hook = model.blocks[last].register_forward_hook(lambda *_: seen.update(source=st.source))
     old, st.trace_source = st.trace_source, True
     try:
-        logits = model(images)
+        logits = model(images.to(model_device(model)))
     finally:
         st.trace_source = old
         hook.remove()
@@ -356,7 +372,7 @@ def trace_sources(model: nn.Module, images: Tensor,
     p = st.num_prefix
     source = seen.get("source")
     if source is None:  # nothing merged yet: every patch is its own group
-        groups = torch.arange(h * w, device=images.device).expand(b, -1)
+        groups = torch.arange(h * w, device=logits.device).expand(b, -1)
     else:
         groups = source[:, p:, p:].argmax(dim=1)
-    return logits, groups.reshape(b, h, w)
+    return logits.cpu(), groups.reshape(b, h, w).cpu()

@@ -43,6 +43,9 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
+from .devices import DeviceMismatchError, check_available, check_same_device, model_device, same_device
 
 __all__ = [
     "CAPTURABLE",
@@ -124,8 +127,13 @@ def attention_probs(
     proportional-attention bias ``log(size)`` of token merging.
     Uses ``F.linear`` (not ``qkv(x)``) so that no hook on ``qkv`` fires.
 
-    Returns a float32 tensor (B, H, N, N) whose rows sum to 1.
+    Returns a float32 tensor (B, H, N, N) whose rows sum to 1, on the module's device.
+
+    Raises:
+        DeviceMismatchError: ``x`` is not on the module's device (it is the module's own
+            input, so a mismatch is a bug upstream: nothing is moved).
     """
+    check_same_device(attn_module.qkv.weight.device, x, what="x", where="attention_probs")
     B, N, _ = x.shape
     H = attn_module.num_heads
     hd = getattr(attn_module, "head_dim", None) or attn_module.qkv.out_features // (3 * H)
@@ -214,7 +222,8 @@ class AttentionProbe:
         probe.records[3]["x_mid"]      # (B, N, C)
 
     Each forward appends nothing: records are overwritten per forward (call
-    :meth:`pop` between batches, or use :func:`run_probe`).
+    :meth:`pop` between batches, or use :func:`run_probe`). Records stay on the
+    device the model runs on (:func:`run_probe` moves them to the CPU).
     """
 
     def __init__(
@@ -380,11 +389,23 @@ def run_probe(
     :class:`AttentionProbe` installed; return a :class:`ProbeResult` with the
     batches concatenated (dim 0) per block, plus the logits.
 
-    The probe is removed afterwards, even on error. ``device`` defaults to the
-    model's device; results are moved to the CPU unless ``to_cpu=False``.
+    The probe is removed afterwards, even on error.
+
+    Devices: ``images`` may be on any device; each batch is moved to the model's
+    device. ``device`` (optional) is where the caller expects the model to be: it
+    must be the model's device (else :class:`~dsm_lite.devices.DeviceMismatchError`;
+    a device this machine lacks, e.g. ``"cuda"`` without a GPU, raises
+    :class:`~dsm_lite.devices.DeviceUnavailableError`); nothing moves the model.
+    The logits are returned on the CPU; the records too unless ``to_cpu=False``
+    (then they stay on the model's device).
     """
-    if device is None:
-        device = next(model.parameters()).device
+    model_dev = model_device(model)
+    if device is not None:
+        device = check_available(device)
+        if not same_device(device, model_dev):
+            raise DeviceMismatchError(f"run_probe: device={str(device)!r} was asked for but the model is "
+                                      f"on {model_dev}; move the model with model.to({str(device)!r})")
+    device = model_dev
     probe = AttentionProbe(model, what=what, blocks=blocks, reduce=reduce, extra=extra, keep=keep)
     per_block: Dict[int, Dict[str, list]] = {}
     logits = []
@@ -484,7 +505,10 @@ class SimResult:
 def measure_sim(model, images: torch.Tensor, batch_size: int = 32, device=None) -> SimResult:
     """Sim entering and leaving attention for every image and block of an
     (unpatched) ViT, computed batch by batch without keeping the activations.
-    ``transition_block(measure_sim(model, images).delta())`` is the delay D."""
+    ``transition_block(measure_sim(model, images).delta())`` is the delay D.
+
+    ``images`` may be on any device (batches are moved to the model's device;
+    ``device`` as in :func:`run_probe`); every (B, L) result is on the CPU."""
     res = run_probe(model, images, what=("x_in", "x_mid"), batch_size=batch_size, keep=(),
                     extra=sim_extras(int(getattr(model, "num_prefix_tokens", 1))), device=device)
     return SimResult(res.stack("sim_in"), res.stack("sim_mid"), res.stack("sim_in_patches"),
@@ -601,8 +625,10 @@ def topk_overlap(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per row, the share of the k highest-``scores`` entries that are in
     ``mask``, with k = the row's mask count: (B, P), (B, P) -> (B,), NaN where
     the mask is empty. 1 means "the k tokens receiving most attention are
-    exactly the k masked (e.g. high-norm) tokens"."""
-    out = torch.full((scores.shape[0],), float("nan"))
+    exactly the k masked (e.g. high-norm) tokens". The result is on ``scores``'
+    device (``mask`` is moved there)."""
+    mask = mask.to(scores.device)
+    out = torch.full((scores.shape[0],), float("nan"), device=scores.device)
     for b in range(scores.shape[0]):
         k = int(mask[b].sum())
         if k:
@@ -667,11 +693,13 @@ def transition_block(delta_sim: torch.Tensor, min_later: float = 0.75) -> Option
 def bootstrap_ci(values: torch.Tensor, n_boot: int = 2000, level: float = 0.95, seed: int = 0,
                  dim: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Percentile-bootstrap confidence interval of the mean over ``dim``
-    (photos). Returns (mean, low, high), each with ``dim`` removed."""
+    (photos). Returns (mean, low, high), each with ``dim`` removed, on the
+    device of ``values`` (the resampling indices come from a seeded CPU
+    generator, so a seed gives the same interval on every device)."""
     v = torch.as_tensor(values, dtype=torch.float64).movedim(dim, 0)
     n = v.shape[0]
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (n_boot, n), generator=g)
+    idx = torch.randint(0, n, (n_boot, n), generator=g).to(v.device)
     means = v[idx].mean(dim=1)
     a = (1 - level) / 2
     lo = torch.quantile(means, a, dim=0)
@@ -681,9 +709,10 @@ def bootstrap_ci(values: torch.Tensor, n_boot: int = 2000, level: float = 0.95, 
 
 def percentile_band(values: torch.Tensor, low: float = 10, high: float = 90,
                     dim: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(median, low percentile, high percentile) over ``dim`` (photos)."""
+    """(median, low percentile, high percentile) over ``dim`` (photos), on the
+    device of ``values``."""
     v = torch.as_tensor(values, dtype=torch.float64)
-    q = torch.tensor([0.5, low / 100, high / 100], dtype=torch.float64)
+    q = torch.tensor([0.5, low / 100, high / 100], dtype=torch.float64, device=v.device)
     med, lo, hi = torch.quantile(v, q, dim=dim)
     return med, lo, hi
 
@@ -696,8 +725,9 @@ def group_contiguity(groups: Tensor) -> Tuple[Tensor, Tensor]:
             sharing an index were merged into one token. Indices must lie in ``[0, h * w)``.
 
     Returns:
-        ``(connected, spread)``, each (B,) float64, over the photo's *merged* groups (groups of
-        two or more patches; NaN for a photo with none):
+        ``(connected, spread)``, each (B,) float64 on the CPU (``groups`` may be on any
+        device), over the photo's *merged* groups (groups of two or more patches; NaN for a
+        photo with none):
 
         - ``connected``: share of merged groups that are 4-connected (every patch reachable
           from every other through edge-sharing patches of the same group);
