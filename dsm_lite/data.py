@@ -3,8 +3,9 @@
 - ``imagenet-sample``: 1000 JPEGs, one per ImageNet-1k class (EliSchwartz/imagenet-sample-images).
 - ``imagenette-val``: 3925 JPEGs of 10 classes (Imagenette's validation split, thunderInfy/imagenette).
 
-Files come from ``$DSM_LITE_ASSETS`` when set, else they are downloaded (only those needed)
-and sha256-checked into ``$DSM_LITE_CACHE`` (see :mod:`dsm_lite._assets`).
+Files come from ``$DSM_LITE_ASSETS`` when set, else they are downloaded (only those needed,
+16 at a time, with one progress bar) and sha256-checked into ``$DSM_LITE_CACHE`` (see
+:mod:`dsm_lite._assets`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from ._assets import AssetNotFoundError, assets_dir, fetch, manifest
+from ._assets import AssetNotFoundError, assets_dir, fetch, fetch_many, manifest
 
 __all__ = ["DATASETS", "ImageSet", "CorruptImageError", "load_images", "load_photo",
            "list_files", "class_names", "data_config"]
@@ -98,14 +99,26 @@ def data_config(model: Union[nn.Module, Dict[str, Any], str, None] = None) -> Di
     return timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict())
 
 
-def _local_path(rel: str, sha256: str, base_url: Optional[str]) -> Path:
-    root = assets_dir()
-    if root is None:
-        return fetch(rel, sha256, base_url=base_url)
+def _asset_path(root: Path, rel: str) -> Path:
     path = root / rel
     if not path.is_file():
         raise AssetNotFoundError(f"{path} not found; DSM_LITE_ASSETS={root} lacks it.")
     return path
+
+
+def _local_path(rel: str, sha256: str, base_url: Optional[str]) -> Path:
+    root = assets_dir()
+    return fetch(rel, sha256, base_url=base_url) if root is None else _asset_path(root, rel)
+
+
+def _local_paths(name: str, rels: List[str], base_url: Optional[str]) -> List[Path]:
+    """Paths of ``rels`` of set ``name``: in ``$DSM_LITE_ASSETS``, else downloaded into the cache."""
+    root = assets_dir()
+    if root is not None:
+        return [_asset_path(root, r) for r in rels]
+    files = _files(name)
+    got = fetch_many({r: files[r] for r in rels}, base_url=base_url, desc=f"Downloading {name}")
+    return [got[r] for r in rels]
 
 
 def _open_rgb(path: Path) -> Image.Image:
@@ -164,7 +177,7 @@ def load_images(
     files = _files(name)
     rels = _choose(list(files), n, seed, stratified)
     transform = timm.data.create_transform(**data_config(model), is_training=False)
-    paths = [_local_path(r, files[r], base_url) for r in rels]
+    paths = _local_paths(name, rels, base_url)
 
     def prep(path: Path) -> torch.Tensor:
         return transform(_open_rgb(path))

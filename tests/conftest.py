@@ -42,7 +42,10 @@ def serve():
 
     def start(folder: Path) -> str:
         handler = functools.partial(Quiet, directory=str(folder))
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler, bind_and_activate=False)
+        server.request_queue_size = 64  # the default 5 drops SYNs of concurrent downloads (1 s stalls)
+        server.server_bind()
+        server.server_activate()
         server.timeout = 5
         threading.Thread(target=server.serve_forever, daemon=True).start()
         # Safety net: the server shuts itself down even if teardown never runs (daemon: never
