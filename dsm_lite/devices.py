@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["DeviceMismatchError", "DeviceUnavailableError", "model_device", "check_same_device",
-           "check_available", "same_device"]
+           "check_available", "same_device", "to_model"]
 
 DeviceLike = Union[str, torch.device]
 
@@ -105,3 +105,14 @@ def check_available(device: DeviceLike) -> torch.device:
             raise DeviceUnavailableError(f"device {str(dev)!r} was asked for, but torch has no MPS "
                                          f"device here; use device='cpu'")
     return dev
+
+
+def to_model(model: nn.Module, x: Tensor, device: Optional[torch.device] = None) -> Tensor:
+    """``x`` on the model's device and, if floating, in its parameters' dtype (the "moves" policy).
+
+    A float32 photo batch thus feeds a float64 model (the book's numerics) or a half-precision
+    one unchanged in value; ``device`` skips looking the device up again.
+    """
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and x.is_floating_point() else None
+    return x.to(device if device is not None else model_device(model), dtype, non_blocking=True)

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .devices import model_device
+from .devices import model_device, to_model
+from .numerics import widen
 
 __all__ = [
     "EvalResult", "BootstrapCI", "predict_logits", "dense_logits", "per_image_metrics",
@@ -160,8 +161,8 @@ def predict_logits(model: nn.Module, images, batch_size: int = 64, progress: boo
     try:
         with _progress(len(x), desc, progress) as bar:
             for i in range(0, len(x), batch_size):
-                batch = x[i:i + batch_size].to(device, non_blocking=True)
-                out.append(model(batch).float().cpu())
+                batch = to_model(model, x[i:i + batch_size], device)
+                out.append(widen(model(batch)).cpu())
                 bar.update(len(batch))
     finally:
         model.train(was_training)
@@ -232,7 +233,7 @@ def per_image_metrics(logits: Tensor, dense: Tensor, labels: Optional[Tensor],
 def _metric_tensors(logits: Tensor, dense: Tensor, labels: Optional[Tensor]) -> Dict[str, Tensor]:
     """The tensor part of :func:`per_image_metrics` (no host synchronisation): the fields of
     :class:`EvalResult` as CPU tensors, whatever device the inputs are on."""
-    logits, dense = logits.float().cpu(), dense.float().cpu()
+    logits, dense = widen(logits).cpu(), widen(dense).cpu()
     if logits.shape != dense.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and dense logits {tuple(dense.shape)} differ")
     k = min(5, logits.shape[1])
@@ -532,7 +533,7 @@ def sweep(
     if labels is not None:
         labels = labels.cpu()
     if dense is not None:  # analysis runs on the CPU, whatever device the logits came from
-        dense = dense.detach().float().cpu()
+        dense = widen(dense.detach()).cpu()
     n = len(_images_tensor(images))
     saved = _patch_state(model)
     use_cache = cache_dir is not False

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .devices import model_device
+from .devices import model_device, to_model
 from .merging import Merge, bipartite_soft_matching, max_reduction
 
 __all__ = ["block_metric", "MatchingSteps", "matching_steps", "one_step_groups", "plot_matching"]
@@ -53,7 +53,7 @@ def block_metric(model: nn.Module, images: Tensor, block: int = 0, feature: str 
 
     handle = attn.register_forward_pre_hook(hook)
     try:
-        model(images.to(model_device(model)))
+        model(to_model(model, images))
     except _Stop:
         pass
     finally:

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ._assets import AssetNotFoundError, ChecksumError, OfflineError, assets_dir, assets_sums, manifest, sha256_file
-from .devices import DeviceUnavailableError, check_available, model_device
+from .devices import DeviceUnavailableError, check_available, model_device, to_model
+from .numerics import widen
 
 __all__ = [
     "DEFAULT_MODEL", "UnknownModelError", "NotAViTError", "DeviceUnavailableError",
@@ -149,7 +150,7 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 100) -> to
     """Logits (N, num_classes) float32 on the CPU for preprocessed ``images`` (N, 3, H, W), in
     batches; ``images`` may be on any device: each batch is moved to the model's device."""
     device = model_device(model)
-    return torch.cat([model(images[i:i + batch_size].to(device)).float().cpu()
+    return torch.cat([widen(model(to_model(model, images[i:i + batch_size], device))).cpu()
                       for i in range(0, len(images), batch_size)])
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["book_numerics", "numerics_report"]
+__all__ = ["book_numerics", "numerics_report", "widen"]
 
 
 def book_numerics(seed: int = 0, dtype: torch.dtype = torch.float64) -> None:
@@ -45,3 +45,9 @@ def numerics_report() -> dict:
         cudnn_deterministic=torch.backends.cudnn.deterministic,
         float32_matmul_precision=torch.get_float32_matmul_precision(),
     )
+
+
+def widen(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 or wider: half precision is upcast, float32 and float64 are kept, so
+    outputs of a float64 model stay float64 all the way into the statistics."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()

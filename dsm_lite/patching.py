@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .merging import (Merge, bipartite_soft_matching, merge_source, merge_wavg,
                       prune_lowest_norm, window_soft_matching)
-from .devices import model_device
+from .devices import model_device, to_model
 from .schedules import RANDOM_FEATURE_DIM, ModelShape, RSpec, Schedule, plan
 from .windows import window_ids
 
@@ -363,7 +363,7 @@ def trace_sources(model: nn.Module, images: Tensor,
     hook = model.blocks[last].register_forward_hook(lambda *_: seen.update(source=st.source))
     old, st.trace_source = st.trace_source, True
     try:
-        logits = model(images.to(model_device(model)))
+        logits = model(to_model(model, images))
     finally:
         st.trace_source = old
         hook.remove()

@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .devices import DeviceMismatchError, check_available, check_same_device, model_device, same_device
+from .devices import DeviceMismatchError, check_available, check_same_device, model_device, same_device, to_model
+from .numerics import widen
 
 __all__ = [
     "CAPTURABLE",
@@ -147,7 +148,7 @@ def attention_probs(
     if k_norm is not None:
         k = k_norm(k)
     scale = getattr(attn_module, "scale", hd ** -0.5)
-    logits = (q.float() * scale) @ k.float().transpose(-2, -1)
+    logits = (widen(q) * scale) @ widen(k).transpose(-2, -1)
     mask = _resolve_mask(attn_mask, logits, is_causal)
     if mask is not None:
         logits = logits + mask
@@ -275,7 +276,7 @@ class AttentionProbe:
                 if "x_in" in self.what:
                     self._put(block, "x_in", x)
                 if "norms_in" in self.what:
-                    self._put(block, "norms_in", x.float().norm(dim=-1))
+                    self._put(block, "norms_in", widen(x).norm(dim=-1))
             return None
 
         return hook
@@ -320,7 +321,7 @@ class AttentionProbe:
                 if "x_out" in self.what:
                     self._put(block, "x_out", out)
                 if "norms" in self.what:
-                    self._put(block, "norms", out.float().norm(dim=-1))
+                    self._put(block, "norms", widen(out).norm(dim=-1))
                 raw = self._raw.pop(block, {})
                 for name, fn in self.extra.items():
                     self.records.setdefault(block, {})[name] = fn(raw)
@@ -411,8 +412,8 @@ def run_probe(
     logits = []
     with probe:
         for i in range(0, len(images), batch_size):
-            out = model(images[i:i + batch_size].to(device))
-            logits.append(out.detach().float().cpu())
+            out = model(to_model(model, images[i:i + batch_size], device))
+            logits.append(widen(out.detach()).cpu())
             for l, rec in probe.pop().items():
                 slot = per_block.setdefault(l, {})
                 for name, v in rec.items():
@@ -451,7 +452,7 @@ def token_similarity(x: torch.Tensor, num_prefix_tokens: int = 0, include_prefix
     u = F.normalize(x.double(), dim=-1)
     s = u.sum(dim=-2)
     total = (s * s).sum(dim=-1) - (u * u).sum(dim=(-1, -2))
-    return (total / (n * (n - 1))).float()
+    return widen(total / (n * (n - 1)))
 
 
 def sim_per_block(
