@@ -271,7 +271,10 @@ def window_quota_matching(
         rank = (onehot.cumsum(dim=0) * onehot).sum(-1) - 1  # (M,)
         counts = onehot.sum(0)  # (W,)
         caps = counts // 2
-        quotas = caps.clamp(max=quota) if isinstance(quota, int) else torch.minimum(caps, quota.to(device))
+        if isinstance(quota, int):
+            quotas = caps.clamp(max=quota)
+        else:
+            quotas = torch.minimum(caps, quota.to(device))
         if r is None:
             r = int(quotas.sum())
         if r <= 0:

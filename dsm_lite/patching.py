@@ -3,9 +3,9 @@
 ``patch`` swaps the classes of the model, its blocks and their attention modules for thin
 subclasses (the ToMe recipe), so parameters, hooks and ``state_dict`` stay untouched, and
 ``unpatch`` swaps them back. Everything one forward pass needs (token sizes, source
-tracking, anchors of the tokens on the patch grid for joint windows, the similarity feature
-of the current block) lives in one :class:`MergeState` shared by the model and its blocks; it is reset
-wherever a forward starts (``forward_features``, ``forward_intermediates``), so calling
+tracking, anchors of the tokens on the patch grid for joint windows, the similarity
+feature of the current block) lives in one :class:`MergeState` shared by the model and its
+blocks; it is reset wherever a forward starts (``forward_features``, ``forward_intermediates``), so calling
 them in any order never sees stale sizes.
 
 A patched block computes, for ``x`` of shape (B, N, C)::

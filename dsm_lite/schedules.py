@@ -346,7 +346,8 @@ def plan(
     for i, want in enumerate(per_block):
         mode, win, nwin = "none", None, None
         j = i - delay
-        may_be_local = local and reduction == "merge" and j >= 0 and (local_blocks is None or j < local_blocks)
+        may_be_local = (local and reduction == "merge" and j >= 0
+                        and (local_blocks is None or j < local_blocks))
         if windows == "paper":
             if want > 0 and may_be_local and window + i * window_growth < square_side(n - p):
                 step = _paper_local_block(shape, i, n, want, window + i * window_growth, feature)

@@ -7,12 +7,12 @@ tokens of the current sequence are laid row-major, in sequence order, on a squar
 sequence, never on the image, so the layout (and every window's share of the merges) is fixed
 by M and w: :func:`square_layout`, :func:`square_window_ids`, :func:`window_quotas`.
 
-**Joint windows** (``windows="joint"``): a window is a ``w x w`` square of the *original* patch grid (``H x W`` patches, 14 x 14 for a
-224 px image with 16 px patches). The grid is padded at the bottom right up to a multiple of
-``w``, so windows in the last row/column may be partly padding. Every token carries an
-*anchor*: the raster index of one original patch it holds (its own patch, or the patch of
-the token it was merged into), so its window is always defined even after the tokens stop
-forming a grid.
+**Joint windows** (``windows="joint"``): a window is a ``w x w`` square of the *original*
+patch grid (``H x W`` patches, 14 x 14 for a 224 px image with 16 px patches). The grid is
+padded at the bottom right up to a multiple of ``w``, so windows in the last row/column may
+be partly padding. Every token carries an *anchor*: the raster index of one original patch it
+holds (its own patch, or the patch of the token it was merged into), so its window is always
+defined even after the tokens stop forming a grid.
 """
 from __future__ import annotations
 
