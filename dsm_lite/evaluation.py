@@ -515,7 +515,7 @@ def sweep(
 
     Returns:
         DataFrame with columns ``label, method, r, delay, prop_attn, feature, reduction,
-        window, window_growth, local_blocks, seed`` (options, defaults resolved; ``delay``
+        window, window_growth, local_blocks, windows, seed`` (options, defaults resolved; ``delay``
         as the schedule resolves it), ``gmacs`` (GMACs per image, from the schedule, equal to
         ``count_macs``), ``tokens_out`` (tokens leaving the last block), ``n`` (photos),
         ``top1, top5, agreement`` (shares in [0, 1]), ``kl`` (mean KL(dense || merged), nats),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ __all__ = [
     "Merge",
     "bipartite_soft_matching",
     "window_soft_matching",
+    "window_quota_matching",
     "prune_lowest_norm",
     "merge_wavg",
     "merge_source",
@@ -207,6 +208,106 @@ def window_soft_matching(
         dst_slot = node_idx.view(b, -1).gather(1, edge) + (edge // half) * half
         src = owner[:, 0].reshape(b, -1).gather(1, edge)
         dst = owner[:, 1].reshape(b, -1).gather(1, dst_slot)
+        keep = _keep_sorted(n, src)
+    return Merge(src, dst, keep)
+
+
+def window_quota_matching(
+    metric: Tensor,
+    window_ids: Tensor,
+    num_windows: int,
+    window_capacity: int,
+    quota: Union[int, Tensor],
+    r: Optional[int] = None,
+    num_protected: int = 0,
+) -> Merge:
+    """Bipartite soft matching inside windows, each window merging its own quota (paper DSM).
+
+    The windows are the same for every image (``window_ids`` gives one window per sequence
+    position, e.g. :func:`dsm_lite.windows.square_window_ids`), and every window merges
+    ``min(quota, n // 2)`` of its own ``n`` tokens: its best proposals, never another window's.
+    So how many tokens go is fixed before any image is seen.
+
+    Steps:
+        1. Normalise the patch tokens' features (the ``num_protected`` prefix tokens are left
+           out: they never merge).
+        2. Rank each token inside its window, in sequence order; rank k goes to B when
+           ``k + num_protected`` is odd, else to A (ToMe's parity over the full sequence, so
+           one window holding every patch token gives ToMe's first merge).
+        3. Stack the windows: (B, W, 2, half, C) features, ``half = ceil(capacity / 2)``,
+           zeros in padding slots, plus the sequence position owning each slot (-1: padding).
+        4. Score every A slot against every B slot of its window (one batched matmul,
+           (B, W, half, half)); pairs with a padding slot score -inf.
+        5. Each A slot proposes its most similar B slot (the first on ties).
+        6. Sort each window's proposals by score, stable (ties: in A rank order).
+        7. Window w keeps the first ``min(quota_w, n_w // 2)`` sorted proposals: a fixed set of
+           (window, place) pairs, the same for every image, ``r`` in all.
+        8. Map the chosen slots back to sequence positions (``src`` into ``dst``); survivors
+           keep their sequence order.
+
+    Args:
+        metric: (B, N, C) similarity feature; the first ``num_protected`` tokens are the prefix.
+        window_ids: (N - num_protected,) window of each patch token, in [0, num_windows).
+        num_windows: W, windows per image.
+        window_capacity: most tokens a window can hold (``w * w``).
+        quota: merges per window before the cap: an int (every window) or a (W,) long tensor.
+        r: total merges per image, ``sum_w min(quota_w, n_w // 2)``; pass it (the schedule
+            knows it) to keep the forward free of host syncs. None computes it, which reads
+            a tensor back to the host.
+        num_protected: prefix tokens, never merged.
+
+    Returns:
+        A :class:`Merge` removing ``r`` tokens, survivors in sequence order.
+    """
+    b, n, c = metric.shape
+    p = num_protected
+    m = n - p
+    device = metric.device
+    if window_ids.shape != (m,):
+        raise ValueError(f"window_ids must have shape ({m},), got {tuple(window_ids.shape)}")
+    with torch.no_grad():
+        # 2. rank inside the window, A/B side, and the real tokens per window
+        onehot = torch.nn.functional.one_hot(window_ids, num_windows)  # (M, W)
+        rank = (onehot.cumsum(dim=0) * onehot).sum(-1) - 1  # (M,)
+        counts = onehot.sum(0)  # (W,)
+        caps = counts // 2
+        if isinstance(quota, int):
+            quotas = caps.clamp(max=quota)
+        else:
+            quotas = torch.minimum(caps, quota.to(device))
+        if r is None:
+            r = int(quotas.sum())
+        if r <= 0:
+            return Merge(None, None, torch.arange(n, device=device).expand(b, n))
+        # 1. + 3. stack windows: slot = (window * 2 + side) * half + rank // 2
+        is_b = (rank + p) % 2 == 1
+        half = (window_capacity + 1) // 2
+        slot = (window_ids * 2 + is_b.long()) * half + rank // 2
+        stack = metric.new_zeros(b, num_windows * 2 * half, c)
+        stack.index_copy_(1, slot, _normalize(metric[:, p:]))
+        owner = torch.full((num_windows * 2 * half,), -1, dtype=torch.long, device=device)
+        owner.index_copy_(0, slot, torch.arange(p, n, device=device))
+        stack = stack.view(b, num_windows, 2, half, c)
+        owner = owner.view(num_windows, 2, half)
+        # 4. scores inside each window
+        scores = stack[:, :, 0] @ stack[:, :, 1].transpose(-1, -2)  # (B, W, half, half)
+        valid = owner >= 0
+        scores = scores.masked_fill(~(valid[:, 0, :, None] & valid[:, 1, None, :]), -math.inf)
+        # 5. best B of each A
+        node_max, node_idx = scores.max(dim=-1)  # (B, W, half)
+        # 6. each window's proposals, best first
+        order = node_max.argsort(dim=-1, descending=True, stable=True)  # (B, W, half)
+        # 7. the first quota_w places of window w, as flat (window, place) indices: a fixed
+        # set, found with a sort (static shape) rather than nonzero (data-dependent shape)
+        places = torch.arange(half, device=device)
+        taken = places[None, :] < quotas[:, None]  # (W, half)
+        pick = taken.flatten().to(torch.uint8).argsort(descending=True, stable=True)[:r]  # (r,)
+        base = torch.arange(num_windows, device=device)[:, None] * half  # (W, 1)
+        src_slot = (order + base).view(b, -1)[:, pick]  # (B, r) flat A slots
+        dst_slot = node_idx.view(b, -1).gather(1, src_slot) + (src_slot // half) * half
+        # 8. back to sequence positions
+        src = owner[:, 0].reshape(-1)[src_slot]
+        dst = owner[:, 1].reshape(-1)[dst_slot]
         keep = _keep_sorted(n, src)
     return Merge(src, dst, keep)
 

@@ -3,9 +3,9 @@
 ``patch`` swaps the classes of the model, its blocks and their attention modules for thin
 subclasses (the ToMe recipe), so parameters, hooks and ``state_dict`` stay untouched, and
 ``unpatch`` swaps them back. Everything one forward pass needs (token sizes, source
-tracking, anchors of the tokens on the patch grid, the similarity feature of the current
-block) lives in one :class:`MergeState` shared by the model and its blocks; it is reset
-wherever a forward starts (``forward_features``, ``forward_intermediates``), so calling
+tracking, anchors of the tokens on the patch grid for joint windows, the similarity
+feature of the current block) lives in one :class:`MergeState` shared by the model and its
+blocks; it is reset wherever a forward starts (``forward_features``, ``forward_intermediates``), so calling
 them in any order never sees stale sizes.
 
 A patched block computes, for ``x`` of shape (B, N, C)::
@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .merging import (Merge, bipartite_soft_matching, merge_source, merge_wavg,
-                      prune_lowest_norm, window_soft_matching)
+                      prune_lowest_norm, window_quota_matching, window_soft_matching)
 from .devices import model_device, to_model
 from .schedules import RANDOM_FEATURE_DIM, ModelShape, RSpec, Schedule, plan
-from .windows import window_ids
+from .windows import square_window_ids, window_ids
 
 __all__ = ["MergeState", "patch", "unpatch", "is_patched", "schedule", "attention_bias",
            "trace_sources", "SUPPORTED_POOLS"]
@@ -39,8 +39,8 @@ class MergeState:
 
     Attributes set per forward: ``size`` (B, N, 1) tokens per token, ``source`` (B, N, N0)
     which input tokens each token holds (when tracing), ``anchors`` (B, N - P) raster index
-    of one original patch per token (spatial methods), ``metric`` the current block's
-    similarity feature (B, N, C').
+    of one original patch per token (spatial methods with joint windows), ``metric`` the
+    current block's similarity feature (B, N, C').
     """
 
     def __init__(self, model: nn.Module, method: str, options: dict,
@@ -53,6 +53,8 @@ class MergeState:
         self.num_prefix = model.num_prefix_tokens
         self._shape = ModelShape.from_model(model)
         self._schedules: Dict[Tuple[int, int], Schedule] = {}
+        # paper windows: window id per sequence position, per (grid, block, device)
+        self._square_ids: Dict[tuple, Tensor] = {}
         self.schedule = self.schedule_for(self._shape.grid)
         self.generator: Optional[torch.Generator] = None
         self.grid = self._shape.grid
@@ -83,7 +85,8 @@ class MergeState:
             grid = tuple(pe.grid_size)
         self.grid = grid
         self.schedule = self.schedule_for(grid)
-        if self.method in ("spatial", "dsm") and self.schedule.local_blocks:
+        if (self.method in ("spatial", "dsm") and self.schedule.local_blocks
+                and self.options["windows"] == "joint"):
             n = grid[0] * grid[1]
             self.anchors = torch.arange(n, device=images.device).expand(images.shape[0], n)
         if self.options["feature"] == "random":
@@ -96,6 +99,15 @@ class MergeState:
         bias = self.size.log()[:, None, None, :, 0]
         return bias if dtype is None else bias.to(dtype)
 
+    def square_ids(self, index: int, device: torch.device) -> Tensor:
+        """(M,) paper window of each patch position entering local block ``index`` (cached)."""
+        key = (self.grid, index, device)
+        if key not in self._square_ids:
+            step = self.schedule.blocks[index]
+            self._square_ids[key] = square_window_ids(step.tokens_in - self.num_prefix,
+                                                      step.window, device=device)
+        return self._square_ids[key]
+
     def match(self, index: int, x: Tensor) -> Merge:
         """The merge of block ``index`` for tokens x (B, N, C), from the stored metric."""
         step = self.schedule.blocks[index]
@@ -107,6 +119,10 @@ class MergeState:
             metric = torch.randn(shape, generator=self.generator).to(x.device, x.dtype)
         if self.options["reduction"] == "prune":
             return prune_lowest_norm(metric, step.r, self.num_prefix)
+        if step.mode == "local" and self.options["windows"] == "paper":
+            return window_quota_matching(metric, self.square_ids(index, x.device),
+                                         step.num_windows, step.window * step.window,
+                                         step.quota, step.r, self.num_prefix)
         if step.mode == "local":
             wid = window_ids(self.anchors, self.grid, step.window)
             return window_soft_matching(metric, step.r, wid, step.num_windows,
@@ -256,6 +272,7 @@ def patch(
     window: int = 7,
     window_growth: int = 1,
     local_blocks: Optional[int] = None,
+    windows: str = "paper",
     seed: int = 0,
 ) -> nn.Module:
     """Make a timm ViT merge tokens, in place; returns the model.
@@ -264,6 +281,9 @@ def patch(
         model: a timm ``VisionTransformer`` (vit_*, deit_* including distilled, with
             registers or LayerScale). Patching an already patched model replaces the options.
         method: ``"tome"``, ``"spatial"`` or ``"dsm"`` (see :func:`dsm_lite.schedules.plan`).
+            Spatial merging and DSM use the paper's windows by default: the tokens are laid
+            on a square in sequence order and each window merges ``ceil(r / windows)`` of its
+            own tokens (at most half of them), so local blocks remove about r.
         r: tokens removed per block: int, per-block list, or ToMe's ``(r, inflection)``.
         prop_attn: proportional attention (add log(size) to attention logits).
         trace_source: track which patches each token holds (``model._dsm_state.source``).
@@ -273,6 +293,8 @@ def patch(
             on every device).
         reduction: ``"merge"`` or ``"prune"`` (drop the lowest-norm tokens of ``feature``).
         delay, window, window_growth, local_blocks: spatial/DSM options, see ``plan``.
+        windows: ``"paper"`` (default) or ``"joint"`` (windows of the original patch grid via
+            each token's anchor, the best r merges over all windows together), see ``plan``.
 
     Raises:
         TypeError: the model is not a supported timm ViT (nothing is changed).
@@ -284,7 +306,7 @@ def patch(
     _check_supported(model)
     options = dict(r=r, delay=delay, window=window, window_growth=window_growth,
                    local_blocks=local_blocks, feature=feature, reduction=reduction,
-                   prop_attn=prop_attn)
+                   prop_attn=prop_attn, windows=windows)
     # validate before touching the model: a rejected call leaves any previous patch in place
     state = MergeState(model, method, options, prop_attn, trace_source, seed)
     if is_patched(model):
@@ -317,7 +339,9 @@ def schedule(model: nn.Module, method: Optional[str] = None, r: Optional[RSpec] 
     """The block-by-block :class:`Schedule` of a method on a model.
 
     With no ``method``, the schedule the patched model runs now. Otherwise, the schedule
-    ``patch(model, method, r, **options)`` would run, without patching anything.
+    ``patch(model, method, r, **options)`` would run, without patching anything (options as
+    :func:`patch`, e.g. ``windows="joint"``; spatial merging and DSM default to the paper's
+    windows). ``grid`` overrides the patch grid.
     """
     if method is None:
         if not is_patched(model):

@@ -1,9 +1,11 @@
 """Merging schedules: what every block does, decided before any image is seen.
 
 A schedule depends only on the model's shape and the options, never on the photo, because
-every method removes a fixed number of tokens per block. It says, block by block, whether
-the block merges (``none``, ``local`` inside windows, or ``global``), with which window, how
-many tokens go in and out, and the MACs the block will cost. :func:`plan` builds it;
+every method removes a fixed number of tokens per block (with the paper's windows, each
+window's share depends only on the token count and the window size). It says, block by
+block, whether the block merges (``none``, ``local`` inside windows, or ``global``), with
+which windows and per-window quotas, how many tokens go in and out, and the MACs the block
+will cost. :func:`plan` builds it;
 ``dsm_lite.patch`` runs exactly this plan, and ``dsm_lite.count_macs`` measures it.
 """
 from __future__ import annotations
@@ -13,12 +15,14 @@ from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence, Tuple, Union
 
 from .merging import max_reduction
-from .windows import num_windows
+from .windows import num_windows, square_layout, square_side, window_quotas
 
 __all__ = ["RSpec", "BlockPlan", "Schedule", "ModelShape", "parse_r", "default_delay", "plan"]
 
 RSpec = Union[int, Sequence[int], Tuple[int, float]]
 METHODS = ("tome", "spatial", "dsm")
+#: window readings of spatial merging and DSM (see :func:`plan`)
+WINDOWS = ("paper", "joint")
 FEATURES = ("k", "q", "v", "x", "random")
 #: channels of the random similarity feature (the paper's "random" ablation)
 RANDOM_FEATURE_DIM = 64
@@ -129,8 +133,12 @@ class ModelShape:
 class BlockPlan:
     """One block of a schedule.
 
-    ``tokens_in`` and ``tokens_out`` count every token (prefix included); ``window`` is the
-    window side in original patches and ``num_windows`` the windows per image (local blocks).
+    ``tokens_in`` and ``tokens_out`` count every token (prefix included) and ``r`` is what
+    the block removes. For local blocks, ``num_windows`` is the windows per image and
+    ``window`` the window side: in original patches with joint windows; in tokens of the
+    current ``side x side`` square with paper windows, where ``quota`` is each window's
+    quota and ``window_quotas`` the merges of each window (the quota, capped at half the
+    window's real tokens; they sum to ``r``).
     """
 
     index: int
@@ -141,6 +149,9 @@ class BlockPlan:
     window: Optional[int] = None
     num_windows: Optional[int] = None
     macs: int = 0
+    side: Optional[int] = None
+    quota: Optional[int] = None
+    window_quotas: Optional[Tuple[int, ...]] = None
 
 
 @dataclass
@@ -177,27 +188,44 @@ class Schedule:
         import pandas as pd
 
         rows = [
-            dict(block=b.index, mode=b.mode, window=b.window, windows=b.num_windows,
-                 tokens_in=b.tokens_in, r=b.r, tokens_out=b.tokens_out, mmacs=b.macs / 1e6)
+            dict(block=b.index, mode=b.mode, side=b.side, window=b.window, windows=b.num_windows,
+                 quota=b.quota, window_quotas=b.window_quotas, tokens_in=b.tokens_in, r=b.r,
+                 tokens_out=b.tokens_out, mmacs=b.macs / 1e6)
             for b in self.blocks
         ]
         return pd.DataFrame(rows).set_index("block")
 
     def table(self) -> str:
         """A plain-text table, one line per block, for printing."""
-        lines = [f"{self.method}: {self.macs / 1e9:.3f} GMACs per image, "
+        windows = self.options.get("windows")
+        name = f"{self.method} ({windows} windows)" if self.method != "tome" and windows else self.method
+        lines = [f"{name}: {self.macs / 1e9:.3f} GMACs per image, "
                  f"{self.tokens[0]} -> {self.tokens[-1]} tokens, "
                  f"{self.local_blocks} local block(s)",
-                 "block  mode    window  windows  tokens_in    r  tokens_out  MMACs"]
+                 "block  mode    side  window  windows  per-window merges  tokens_in    r  "
+                 "tokens_out  MMACs"]
         for b in self.blocks:
             win = f"{b.window}x{b.window}" if b.window else "-"
             nw = str(b.num_windows) if b.num_windows else "-"
-            lines.append(f"{b.index:5d}  {b.mode:<6}  {win:>6}  {nw:>7}  {b.tokens_in:9d}  "
-                         f"{b.r:3d}  {b.tokens_out:10d}  {b.macs / 1e6:5.1f}")
+            side = str(b.side) if b.side else "-"
+            lines.append(f"{b.index:5d}  {b.mode:<6}  {side:>4}  {win:>6}  {nw:>7}  "
+                         f"{_quota_text(b):<17}  {b.tokens_in:9d}  {b.r:3d}  "
+                         f"{b.tokens_out:10d}  {b.macs / 1e6:5.1f}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _quota_text(b: BlockPlan) -> str:
+    """Per-window merges of a paper-windows block, e.g. ``4,4,4,1``; long lists summarised."""
+    if b.window_quotas is None:
+        return "-"
+    qs = b.window_quotas
+    if len(qs) <= 6:
+        return ",".join(map(str, qs))
+    capped = sum(q < b.quota for q in qs)
+    return f"{b.quota} each, {capped} capped"
 
 
 def _block_macs(s: ModelShape, n_in: int, n_out: int, mode: str, windows: int,
@@ -247,6 +275,7 @@ def plan(
     feature: str = "k",
     reduction: str = "merge",
     prop_attn: bool = True,
+    windows: str = "paper",
 ) -> Schedule:
     """Build the block-by-block schedule of a method.
 
@@ -256,20 +285,38 @@ def plan(
             growing to global, from block 0) or ``"dsm"`` (no merging for ``delay`` blocks, then
             as spatial).
         r: tokens removed per merging block (int, per-block list, or ``(r, inflection)``);
-            blocks before the delay remove none. Each block's r is clamped to what is possible.
+            blocks before the delay remove none. Each global block's r is clamped to what is
+            possible; local blocks remove what their windows give (see ``windows``).
         delay: D, blocks without merging. DSM's default is :func:`default_delay`; ToMe's and
             spatial's is 0.
-        window: initial window side w, in patches.
-        window_growth: how much the window grows per block, in tokens of the current grid.
-            Local block j uses windows of ``round((w + j * growth) * sqrt(N0 / M_j))``
+        window: initial window side w (block 0's), see ``windows``.
+        window_growth: how much the window grows per block, see ``windows``.
+        local_blocks: optional cap on the number of local blocks, counted from block D
+            (None: until the window covers the tokens; 0: no local merging).
+        feature: similarity feature, one of ``k q v x random``.
+        reduction: ``"merge"`` (size-weighted average) or ``"prune"`` (drop lowest-norm;
+            always global).
+        prop_attn: proportional attention (does not change MACs; kept for the record).
+        windows: how spatial merging and DSM choose windows and merges.
+
+            ``"paper"`` (default), the reading that fits the paper's Table 2 MACs: before
+            block i, the M patch tokens are laid row-major, in sequence order, on a square
+            of side ``S = ceil(sqrt(M))`` padded at the bottom right, and cut into windows
+            ``w_i = window + i * window_growth`` tokens wide (the window grows in every
+            block, merging or not, so DSM's first local block uses ``window + D * growth``),
+            ``ceil(S / w_i)`` per side. While ``w_i < S`` the block is local: each window
+            merges ``ceil(r / windows)`` of its own tokens (``ceil(r / 4)`` on a 14 x 14
+            grid), but never more than half of its real tokens, so a block may remove a
+            few more or fewer than r; from the first block with ``w_i >= S`` on, merging is
+            global (r per block, as ToMe).
+
+            ``"joint"``, this package's earlier reading: windows are squares of the original
+            patch grid, a token's window is the one of its anchor patch, and the best r
+            proposals over all windows of an image are merged (exactly r per block). Local
+            block j (counted from D) uses windows of ``round((w + j * growth) * sqrt(N0 / M_j))``
             original patches, i.e. windows that hold about ``(w + j * growth)^2`` tokens at
             the current token density (N0 patches at the start, M_j entering block j). Once a
             window covers the whole grid, merging is global for the rest of the network.
-        local_blocks: optional cap on the number of local blocks (None: until the window
-            covers the grid; 0: no local merging).
-        feature: similarity feature, one of ``k q v x random``.
-        reduction: ``"merge"`` (size-weighted average) or ``"prune"`` (drop lowest-norm).
-        prop_attn: proportional attention (does not change MACs; kept for the record).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -277,6 +324,8 @@ def plan(
         raise ValueError(f"unknown feature {feature!r}; choose one of {FEATURES}")
     if reduction not in ("merge", "prune"):
         raise ValueError(f"reduction must be 'merge' or 'prune', got {reduction!r}")
+    if windows not in WINDOWS:
+        raise ValueError(f"windows must be one of {WINDOWS}, got {windows!r}")
     if method == "spatial" and delay not in (None, 0):
         raise ValueError("method='spatial' merges from block 0; use method='dsm' for a delay")
     if not isinstance(window, int) or window < 1:
@@ -297,7 +346,19 @@ def plan(
     for i, want in enumerate(per_block):
         mode, win, nwin = "none", None, None
         j = i - delay
-        if want > 0 and local and reduction == "merge" and j >= 0 and (local_blocks is None or j < local_blocks):
+        may_be_local = (local and reduction == "merge" and j >= 0
+                        and (local_blocks is None or j < local_blocks))
+        if windows == "paper":
+            if want > 0 and may_be_local and window + i * window_growth < square_side(n - p):
+                step = _paper_local_block(shape, i, n, want, window + i * window_growth, feature)
+                if step.r == 0:  # windows too small to merge anything (e.g. 1 x 1)
+                    step = BlockPlan(i, "none", 0, n, n, macs=_block_macs(
+                        shape, n, n, "none", 1, None, feature, reduction))
+                blocks.append(step)
+                n = step.tokens_out
+                continue
+            may_be_local = False
+        if want > 0 and may_be_local:
             m = n - p
             side = int(math.floor((window + j * window_growth) * math.sqrt(n0 / m) + 0.5))
             if side < max(shape.grid):
@@ -329,5 +390,18 @@ def plan(
     head += c * shape.num_classes * (2 if shape.distilled_head else 1)
     options = dict(r=r, delay=delay, window=window, window_growth=window_growth,
                    local_blocks=local_blocks, feature=feature, reduction=reduction,
-                   prop_attn=prop_attn)
+                   prop_attn=prop_attn, windows=windows)
     return Schedule(method, shape, blocks, options, stem, head)
+
+
+def _paper_local_block(shape: ModelShape, index: int, n: int, r: int, window: int,
+                       feature: str) -> BlockPlan:
+    """A local block with paper windows: ``n`` tokens in (prefix included), ``r`` wanted."""
+    p = shape.num_prefix
+    layout = square_layout(n - p, window)
+    quota = -(-r // layout.num_windows)
+    quotas = window_quotas(layout.counts, quota)
+    got = sum(quotas)
+    macs = _block_macs(shape, n, n - got, "local", layout.num_windows, window, feature, "merge")
+    return BlockPlan(index, "local", got, n, n - got, window, layout.num_windows, macs,
+                     side=layout.side, quota=quota, window_quotas=quotas)

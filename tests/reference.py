@@ -26,6 +26,8 @@ __all__ = [
     "cosine",
     "reference_tome_merge",
     "reference_window_merge",
+    "reference_square_window_ids",
+    "reference_quota_window_merge",
     "reference_prune",
     "reference_window_ids",
     "reference_parse_r",
@@ -222,6 +224,95 @@ def reference_window_merge(
     return packed + (out_kept,) if return_kept else packed
 
 
+def reference_square_window_ids(num_tokens: int, window: int) -> List[int]:
+    """Paper windows: lay positions 0..M-1 row by row on an S x S square, S = ceil(sqrt(M)),
+    then walk the square window by window (raster order over w x w windows) and label them."""
+    side = 0
+    while side * side < num_tokens:
+        side += 1
+    per_side = -(-side // window) if side else 0
+    table = {}
+    wid = 0
+    for wy in range(per_side):
+        for wx in range(per_side):
+            for y in range(wy * window, (wy + 1) * window):
+                for x in range(wx * window, (wx + 1) * window):
+                    if y < side and x < side and y * side + x < num_tokens:
+                        table[y * side + x] = wid
+            wid += 1
+    return [table[i] for i in range(num_tokens)]
+
+
+def reference_quota_window_merge(
+    x: Tensor,
+    metric: Tensor,
+    window_ids: Sequence[int],
+    quota,
+    num_protected: int = 0,
+    size: Optional[Tensor] = None,
+    sources: Optional[Sources] = None,
+    return_kept: bool = False,
+):
+    """Paper DSM's windowed matching, window by window (see ``window_quota_matching``).
+
+    - Patch tokens (after the P prefix tokens) are grouped by ``window_ids`` (one list for
+      every image).
+    - Inside a window, tokens are ranked 0, 1, ... in sequence order; rank k goes to B when
+      (k + P) is odd, else to A.
+    - Each A token picks its most similar B token of the same window (first on ties).
+    - Window w merges its best ``min(quota_w, n_w // 2)`` proposals (ties: lower A rank
+      first), n_w its tokens; ``quota`` is an int (every window) or one int per window.
+    - Survivors keep their sequence order; prefix tokens never merge.
+
+    ``return_kept`` as in :func:`reference_tome_merge`.
+    """
+    b, n, _ = x.shape
+    p = num_protected
+    m = n - p
+    window_ids = list(window_ids)
+    assert len(window_ids) == m
+    num_windows = max(window_ids) + 1 if window_ids else 0
+    quotas = [quota] * num_windows if isinstance(quota, int) else list(quota)
+    xs_all, ms_all = _rows(x), _rows(metric)
+    sizes_all, srcs_all = _defaults(x, size, sources)
+    out_x, out_size, out_src, out_kept = [], [], [], []
+    for img in range(b):
+        xs, ms, sizes, srcs = xs_all[img], ms_all[img], sizes_all[img], srcs_all[img]
+        groups = {t: [t] for t in range(n)}
+        merged = set()
+        for w in range(num_windows):
+            members = [p + i for i in range(m) if window_ids[i] == w]
+            side_a = [t for k, t in enumerate(members) if (k + p) % 2 == 0]
+            side_b = [t for k, t in enumerate(members) if (k + p) % 2 == 1]
+            proposals = []  # (score, A rank, A position, B position)
+            for arank, a in enumerate(side_a):
+                best_score, best_b = -math.inf, None
+                for bb in side_b:
+                    s = cosine(ms[a], ms[bb])
+                    if best_b is None or s > best_score:
+                        best_score, best_b = s, bb
+                proposals.append((best_score, arank, a, best_b))
+            proposals.sort(key=lambda e: (-e[0], e[1]))
+            for score, _, a, bb in proposals[: min(quotas[w], len(members) // 2)]:
+                assert bb is not None and score > -math.inf
+                groups[bb].append(a)
+                merged.add(a)
+        fx, fs, fsrc = [], [], []
+        for t in range(n):
+            if t in merged:
+                continue
+            feat, total, src = _combine(xs, sizes, srcs, groups[t])
+            fx.append(feat)
+            fs.append(total)
+            fsrc.append(src)
+        out_x.append(fx)
+        out_size.append(fs)
+        out_src.append(fsrc)
+        out_kept.append([t for t in range(n) if t not in merged])
+    packed = _pack(out_x, out_size, out_src)
+    return packed + (out_kept,) if return_kept else packed
+
+
 def reference_prune(metric: Tensor, r: int, num_protected: int = 0) -> List[List[int]]:
     """Indices kept (in order) when dropping the r lowest-L2-norm non-prefix tokens.
 
@@ -279,6 +370,7 @@ def reference_vit_forward(
     order: str = "tome",
     feature: str = "k",
     windows: Optional[Sequence[Optional[int]]] = None,
+    paper_windows: Optional[Sequence[Optional[Tuple[int, int]]]] = None,
 ) -> Tuple[Tensor, List[int], Sources]:
     """A timm ViT forward written out by hand, merging with the references above.
 
@@ -289,6 +381,10 @@ def reference_vit_forward(
     ``windows[i]`` (optional): block i merges inside windows of that many original patches
     (``reference_window_merge``, windows read from each token's anchor: the patch of the
     token it continues), else globally (``reference_tome_merge`` with ``order``).
+    ``paper_windows[i]`` (optional): ``(w, quota)``, block i merges inside paper windows w
+    tokens wide laid on the square of the tokens entering it (``reference_square_window_ids``),
+    each window giving ``quota`` (``reference_quota_window_merge``); r_per_block[i] is then
+    ignored.
 
     Returns the logits, the number of tokens entering each block (then leaving the last) and
     the final sources.
@@ -320,10 +416,15 @@ def reference_vit_forward(
         out = torch.einsum("bhij,bhjd->bhid", weights, v).transpose(1, 2).reshape(b, n, -1)
         out = attn.proj(attn.norm(out))
         x = x + blk.ls1(out)
-        if r > 0:
+        paper = None if paper_windows is None else paper_windows[i]
+        if r > 0 or paper:
             metric = block_input if feature == "x" else {"k": k, "q": q, "v": v}[feature].mean(dim=1)
             window = None if windows is None else windows[i]
-            if window:
+            if paper:
+                wid = reference_square_window_ids(n - p, paper[0])
+                x, size, sources, kept = reference_quota_window_merge(
+                    x, metric, wid, paper[1], p, size, sources, return_kept=True)
+            elif window:
                 wid = torch.tensor(reference_window_ids(torch.tensor(anchors), grid, window))
                 nw = (-(-grid[0] // window)) * (-(-grid[1] // window))
                 x, size, sources, kept = reference_window_merge(

@@ -1,5 +1,9 @@
 """Delayed Spatial Merging (DSM) and spatial merging: delay, windows, padding, odd grids,
-schedules, MACs and the absence of Python loops over windows or images."""
+schedules, MACs and the absence of Python loops over windows or images.
+
+Tests of window layouts here are of the joint reading (``windows="joint"``: anchors on the
+original grid, the best r merges over all windows); the paper's windows (the default) are
+tested in test_paper_windows.py."""
 from __future__ import annotations
 
 import math
@@ -131,8 +135,9 @@ def test_window_covering_grid_matches_tome(ti, photos):
     assert counts["dsm"] == counts["tome"]
 
 
-@pytest.mark.parametrize("method,kw", [("dsm", dict(r=16)), ("dsm", dict(r=8, window=4, delay=1)),
-                                       ("spatial", dict(r=10, window=5))])
+@pytest.mark.parametrize("method,kw", [("dsm", dict(r=16, windows="joint")),
+                                       ("dsm", dict(r=8, window=4, delay=1, windows="joint")),
+                                       ("spatial", dict(r=10, window=5, windows="joint"))])
 def test_real_merges_stay_inside_windows(ti, photos, method, kw):
     patch(ti, method, trace_source=True, **kw)
     sched = schedule(ti)
@@ -147,10 +152,10 @@ def test_real_merges_stay_inside_windows(ti, photos, method, kw):
 
 # --------------------------------------------------------------------------- reference forward
 @pytest.mark.parametrize("method,kw", [
-    ("dsm", dict(r=6, delay=1, window=3)),
-    ("spatial", dict(r=5, window=2)),
-    ("dsm", dict(r=[0, 9, 7, 7, 5], delay=0, window=3, window_growth=0)),
-    ("dsm", dict(r=5, delay=1, window=3, local_blocks=0)),
+    ("dsm", dict(r=6, delay=1, window=3, windows="joint")),
+    ("spatial", dict(r=5, window=2, windows="joint")),
+    ("dsm", dict(r=[0, 9, 7, 7, 5], delay=0, window=3, window_growth=0, windows="joint")),
+    ("dsm", dict(r=5, delay=1, window=3, local_blocks=0, windows="joint")),
 ])
 def test_dsm_equals_naive_forward(method, kw):
     """The whole DSM forward against the hand-written one with reference window merging."""
@@ -205,6 +210,7 @@ ODD = {
 def test_odd_grids_padding(name, method):
     cfg, hw, kw = ODD[name]
     model = small_vit(seed=0, **cfg)
+    kw = dict(kw, windows="joint")
     kw = dict(kw, delay=1) if method == "dsm" else kw
     patch(model, method, trace_source=True, **kw)
     sched = schedule(model)
@@ -263,7 +269,7 @@ def test_schedule_local_blocks_follow_from_w_r_grid():
     counts = {}
     for w in (2, 3, 4, 5, 7, 9, 13, 14, 20):
         for r in (1, 4, 8, 13, 16, 20, 25, 30):
-            sched = schedule(model, "dsm", r, window=w)
+            sched = schedule(model, "dsm", r, window=w, windows="joint")
             modes = [b.mode for b in sched.blocks]
             d = dsm_lite.default_delay(12)
             assert modes[:d] == ["none"] * d
@@ -273,7 +279,7 @@ def test_schedule_local_blocks_follow_from_w_r_grid():
             assert all(b.window is not None and b.window < 14 for b in sched.blocks if b.mode == "local")
             assert sched.tokens == [197 - sum(sched.r[:i]) for i in range(13)]
             counts[w, r] = sched.local_blocks
-            capped = schedule(model, "dsm", r, window=w, local_blocks=1)
+            capped = schedule(model, "dsm", r, window=w, local_blocks=1, windows="joint")
             assert capped.local_blocks == min(1, sched.local_blocks)
     for w in (2, 3, 4, 5, 7, 9, 13):
         rs = [counts[w, r] for r in (1, 4, 8, 13, 16, 20, 25, 30)]
@@ -284,12 +290,13 @@ def test_schedule_local_blocks_follow_from_w_r_grid():
     assert counts[14, 16] == counts[20, 1] == 0 and counts[2, 1] > counts[7, 16] >= 1
     # a wider grid keeps merging locally for longer
     wide = VisionTransformer(img_size=384, patch_size=16, embed_dim=16, depth=12, num_heads=2)
-    assert schedule(wide, "dsm", 16).local_blocks >= schedule(model, "dsm", 16).local_blocks
+    assert (schedule(wide, "dsm", 16, windows="joint").local_blocks
+            >= schedule(model, "dsm", 16, windows="joint").local_blocks)
 
 
 def test_schedule_clamps_and_counts():
     model = VisionTransformer(img_size=224, patch_size=16, embed_dim=16, depth=12, num_heads=2)
-    sched = schedule(model, "spatial", 200, window=7)
+    sched = schedule(model, "spatial", 200, window=7, windows="joint")
     for b in sched.blocks:
         if b.mode == "local":
             assert b.r == (b.tokens_in - 1 - b.num_windows) // 2
@@ -328,13 +335,18 @@ def test_window_matching_has_no_loop_over_windows_or_images():
     assert run(8, 4) == base  # 16 windows, padded
 
 
-def test_dsm_forward_has_no_loop_over_windows_or_images():
+@pytest.mark.parametrize("windows", ["joint", "paper"])
+def test_dsm_forward_has_no_loop_over_windows_or_images(windows):
     model = VisionTransformer(img_size=224, patch_size=16, embed_dim=32, depth=4, num_heads=2, num_classes=10).eval()
     x = images(4, hw=(224, 224))
-    counts = {}
-    for w in (4, 7):  # 16 windows vs 4 windows, one local block each
-        patch(model, "dsm", r=12, delay=1, window=w, local_blocks=1)
+    counts, layouts = {}, set()
+    for w in (4, 7):  # joint: 16 vs 4 windows; paper: 9 vs 4 windows; one local block each
+        patch(model, "dsm", r=12, delay=1, window=w, local_blocks=1, windows=windows)
         assert [b.mode for b in schedule(model).blocks] == ["none", "local", "global", "global"]
+        layouts.add(schedule(model).blocks[1].num_windows)
+        with torch.no_grad():
+            model(x[:1])  # paper windows: the first call builds the cached window ids
         for b in (1, 4):
             counts[w, b] = _ops(lambda: model(x[:b]))
+    assert len(layouts) == 2
     assert counts[4, 1] == counts[4, 4] == counts[7, 1] == counts[7, 4]
