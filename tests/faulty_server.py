@@ -13,13 +13,18 @@ requests from 0), which returns an action and a delay in seconds slept before it
 - ``"slow_body"``: headers and half the file at once, the other half after the delay.
 
 The server records every request (``requests``: path -> count) and the largest number of
-requests in flight at once (``max_inflight``). It binds 127.0.0.1 only and shuts itself down
-after ``lifetime_s`` even if ``stop()`` is never called.
+requests in flight at once (``max_inflight``); ``GET /__stats__`` returns them as JSON
+(``{"requests": total, "files": distinct paths, "max_inflight": ...}``) and ``GET /__reset__``
+clears them, for a server run in another process (``python tests/faulty_server.py FOLDER``,
+which prints its URL). It binds 127.0.0.1 only and shuts itself down after ``lifetime_s``
+even if ``stop()`` is never called.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import http.server
+import json
 import random
 import socket
 import struct
@@ -77,6 +82,17 @@ class FaultyServer:
 
             def do_GET(self):
                 rel = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
+                if rel in ("__stats__", "__reset__"):
+                    if rel == "__reset__":
+                        outer.reset_counts()
+                    with outer._lock:
+                        body = json.dumps({"requests": sum(outer.requests.values()), "files": len(outer.requests),
+                                           "max_inflight": outer.max_inflight}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 with outer._lock:
                     attempt = outer.requests[rel]
                     outer.requests[rel] += 1
@@ -167,3 +183,27 @@ class FaultyServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def main() -> None:
+    """Serve FOLDER with :func:`random_plan` faults until killed (or ``--lifetime`` seconds)."""
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--drop", type=float, default=0.05)
+    ap.add_argument("--delay-frac", type=float, default=0.1)
+    ap.add_argument("--delay", type=float, default=0.25)
+    ap.add_argument("--truncate", type=float, default=0.0)
+    ap.add_argument("--latency", type=float, default=0.0)
+    ap.add_argument("--lifetime", type=float, default=3600.0)
+    a = ap.parse_args()
+    srv = FaultyServer(a.folder, random_plan(a.seed, a.drop, a.delay_frac, a.delay, a.truncate, a.latency),
+                       lifetime_s=a.lifetime)
+    print(srv.url, flush=True)
+    srv.start()
+    srv._thread.join()
+    srv.stop()
+
+
+if __name__ == "__main__":
+    main()
