@@ -134,13 +134,26 @@ class SquareLayout:
 
 
 def square_layout(num_tokens: int, window: int) -> SquareLayout:
-    """The :class:`SquareLayout` of M tokens in ``w x w`` windows (see :func:`square_window_ids`)."""
-    ids = square_window_ids(num_tokens, window)
+    """The :class:`SquareLayout` of M tokens in ``w x w`` windows (see :func:`square_window_ids`).
+
+    Pure integer arithmetic, no tensors: schedules are planned before any image is seen, also
+    under fake or meta tensor modes.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
     side = square_side(num_tokens)
     per_side = -(-side // window)
-    counts = torch.zeros(per_side * per_side, dtype=torch.long).index_add_(
-        0, ids, torch.ones_like(ids))
-    return SquareLayout(num_tokens, window, side, per_side, tuple(int(c) for c in counts))
+    full_rows, rest = divmod(num_tokens, side) if side else (0, 0)
+
+    def row_tokens(row: int, c0: int, c1: int) -> int:  # tokens of one square row in [c0, c1)
+        filled = side if row < full_rows else (rest if row == full_rows else 0)
+        return max(0, min(c1, filled) - c0)
+
+    counts = tuple(
+        sum(row_tokens(row, wx * window, min((wx + 1) * window, side))
+            for row in range(wy * window, min((wy + 1) * window, side)))
+        for wy in range(per_side) for wx in range(per_side))
+    return SquareLayout(num_tokens, window, side, per_side, counts)
 
 
 def window_quotas(counts: Sequence[int], quota: int) -> Tuple[int, ...]:
