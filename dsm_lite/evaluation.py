@@ -17,6 +17,7 @@ KL(dense || merged) measure exactly what merging changes.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -631,6 +632,10 @@ def _add_throughput(model, configs, rows, options) -> None:
 
     kwargs = dict(options) if isinstance(options, dict) else {}
     kwargs.setdefault("device", model_device(model))
+    if next(model.parameters()).dtype == torch.float64:
+        # speed is always measured in float32: the book evaluates in float64 only so that
+        # every machine gives the same predictions (dsm_lite.numerics)
+        model = copy.deepcopy(model).float()
     setups = []
     for config in configs:
         cfg = _normalise_config(config)

@@ -124,7 +124,9 @@ def interleaved_throughput(
             raise DeviceMismatchError(f"interleaved_throughput: model {i} is on {model_device(m)} "
                                       f"but the batch is made on {device}; put every model on one "
                                       f"device (or pass device={str(model_device(m))!r})")
-    x = torch.randn(batch_size, *input_size, device=device)
+    # the batch in the first model's dtype (float32 unless it was cast), not the default dtype
+    dtype = next(modules[0].parameters()).dtype if modules else torch.float32
+    x = torch.randn(batch_size, *input_size, device=device, dtype=dtype)
     times: List[List[float]] = [[] for _ in models]
     for step in range(warmup + runs):
         for i, model in enumerate(models):
