@@ -149,3 +149,30 @@ def test_book_numerics_turns_tf32_off_everywhere():
         torch.backends.cudnn.benchmark = old["cudnn_benchmark"]
         torch.backends.cudnn.deterministic = old["cudnn_deterministic"]
         torch.set_float32_matmul_precision(old["float32_matmul_precision"])
+
+
+TENSOR_FACTORIES = {"randn", "rand", "randint", "randperm", "zeros", "ones", "full", "empty", "arange",
+                    "eye", "linspace", "tensor"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_tensors_name_their_device(path):
+    """A tensor a chapter makes goes either to ``device=`` or is said to stay on the CPU.
+
+    On a GPU runtime, a batch made on the CPU and fed to the model is the bug chapter 5 had;
+    the package's functions move photos themselves, so CPU tensors are fine when the line
+    says so (a comment naming the CPU). Device mix-ups inside the package are caught by
+    tests/test_device.py under fake CUDA tensors.
+    """
+    for k, cell in enumerate(cells(path)):
+        code = python_of(cell)
+        lines = code.splitlines()
+        for node in ast.walk(ast.parse(code)):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"
+                    and node.func.attr in TENSOR_FACTORIES
+                    and not any(kw.arg == "device" for kw in node.keywords)):
+                line = lines[node.lineno - 1]
+                assert "CPU" in line.partition("#")[2], (
+                    f"{path.name} code cell {k}: `{line.strip()}` makes a tensor without device=; "
+                    "pass device=DEVICE, or say in a comment on that line why the CPU is right")
