@@ -64,8 +64,9 @@ fi
 {
   echo "dsm_lite device check on: $DEVICE_NAME ($DEVICE)"
   python -c "import torch, timm, dsm_lite; print(f'torch {torch.__version__}, timm {timm.__version__}, dsm_lite {dsm_lite.__version__}')"
-  echo "book under nbval (${#NOTEBOOKS[@]} notebooks): $([ "$book_rc" = 0 ] && echo PASS || echo "exit $book_rc") -> $OUT/nbval.txt"
-  [ "$BOOK" = 1 ] && tail -n 1 "$OUT/nbval.txt"
-  echo "throughput (${MODELS[*]}; batch ${BATCHES[*]}): $([ "$bench_rc" = 0 ] && echo done || echo "exit $bench_rc") -> $OUT/throughput.txt"
+  verdict() { case "$1" in 0) echo "$2" ;; skipped) echo skipped ;; *) echo "FAILED (exit $1)" ;; esac; }
+  echo "book under nbval (${#NOTEBOOKS[@]} notebooks): $(verdict "$book_rc" PASS) -> $OUT/nbval.txt"
+  if [ "$BOOK" = 1 ]; then tail -n 1 "$OUT/nbval.txt"; fi
+  echo "throughput (${MODELS[*]}; batch ${BATCHES[*]}): $(verdict "$bench_rc" done) -> $OUT/throughput.txt"
 } | tee "$OUT/report.txt"
 [ "$book_rc" = 0 -o "$book_rc" = skipped ] && [ "$bench_rc" = 0 -o "$bench_rc" = skipped ]
