@@ -9,12 +9,13 @@
 #   benchmarks/gpu_check.sh                       # on a machine with a GPU
 #   benchmarks/gpu_check.sh --device cpu --quick  # the CPU path: one chapter, a tiny benchmark
 # Options: --device cuda|cpu (default cuda), --out DIR (default benchmarks/results/gpu-check),
-#          --quick (chapter 0 only; ViT-Ti at batch 1 and 8, few runs), --skip-book, --skip-bench.
+#          --quick (chapter 0 only; ViT-Ti at batch 1 and 8, few runs), --skip-book, --skip-bench,
+#          --jobs N (chapters in N parallel kernels, needs pytest-xdist; cells of a chapter stay in order).
 # Needs DSM_LITE_ASSETS (offline) or internet for the photos and the pretrained ViT-Ti.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-DEVICE=cuda OUT=benchmarks/results/gpu-check QUICK=0 BOOK=1 BENCH=1
+DEVICE=cuda OUT=benchmarks/results/gpu-check QUICK=0 BOOK=1 BENCH=1 JOBS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
@@ -22,6 +23,7 @@ while [ $# -gt 0 ]; do
     --quick) QUICK=1; shift ;;
     --skip-book) BOOK=0; shift ;;
     --skip-bench) BENCH=0; shift ;;
+    --jobs) JOBS=(-n "$2" --dist loadscope); shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -51,7 +53,7 @@ export PYTHONHASHSEED=0 KINETO_LOG_LEVEL=5
 
 book_rc=skipped bench_rc=skipped
 if [ "$BOOK" = 1 ]; then
-  python -m pytest "${NOTEBOOKS[@]}" -q -p no:cacheprovider --nbval --nbval-current-env \
+  python -m pytest "${NOTEBOOKS[@]}" "${JOBS[@]}" -q -p no:cacheprovider --nbval --nbval-current-env \
     --nbval-sanitize-with book/nbval_sanitize.cfg 2>&1 | tee "$OUT/nbval.txt"
   book_rc=${PIPESTATUS[0]}
 fi
