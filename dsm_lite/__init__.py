@@ -16,6 +16,6 @@ from .data import ImageSet, load_images, load_photo
 from . import plots, probes
 from .probes import AttentionProbe, ProbeResult, measure_sim, run_probe, token_similarity, transition_block
 
-from . import devices, evaluation, matching_steps
+from . import devices, evaluation, matching_steps, stats
 from .evaluation import (BootstrapCI, EvalResult, bootstrap_ci, evaluate, paired_bootstrap, plot_tradeoff,
                          plot_tradeoffs, sweep, wilson_ci)

@@ -7,7 +7,8 @@ The main entry points:
 
 - :func:`evaluate`: per-photo results (:class:`EvalResult`) of one (patched) model.
 - :func:`sweep`: many configs (method, r, options) in one tidy DataFrame, cached on disk.
-- :func:`paired_bootstrap`, :func:`bootstrap_ci`, :func:`wilson_ci`: uncertainty over photos.
+- :func:`paired_bootstrap`, :func:`bootstrap_ci`, :func:`wilson_ci`: uncertainty over photos
+  (implemented in :mod:`dsm_lite.stats`; kept here under their evaluation names).
 - :func:`plot_tradeoff`, :func:`plot_tradeoffs`: the paper's Figure 4 (metric vs GMACs or
   throughput, one curve per method, with bootstrap bands).
 
@@ -21,7 +22,6 @@ import copy
 import hashlib
 import inspect
 import json
-import math
 import os
 import sys
 import tempfile
@@ -35,15 +35,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import stats
 from .devices import model_device, to_model
 from .numerics import widen
+from .stats import BootstrapCI, wilson_ci
 
 __all__ = [
     "EvalResult", "BootstrapCI", "predict_logits", "dense_logits", "per_image_metrics",
     "evaluate", "sweep", "sweep_cache_dir", "code_hash", "images_hash", "config_key",
     "bootstrap_ci", "paired_bootstrap", "wilson_ci",
-    "METRIC_LABELS", "plot_tradeoff", "plot_tradeoffs",
+    "PER_PHOTO", "METRIC_LABELS", "plot_tradeoff", "plot_tradeoffs",
 ]
+
+#: sweep column -> the :class:`EvalResult` field holding its per-photo values
+PER_PHOTO = {"top1": "correct1", "top5": "correct5", "agreement": "agree", "kl": "kl"}
 
 CACHE_FORMAT = 1
 #: patch() options that do not change a forward pass's outputs, left out of cache keys.
@@ -108,29 +113,6 @@ class EvalResult:
         if self.logits is not None:
             out["logits"] = self.logits
         return out
-
-
-@dataclass
-class BootstrapCI:
-    """A point estimate with a confidence interval [lo, hi] at ``level``."""
-
-    estimate: float
-    lo: float
-    hi: float
-    level: float = 0.95
-    n_boot: int = 0
-    method: str = "percentile bootstrap"
-
-    @property
-    def excludes_zero(self) -> bool:
-        """Whether the interval lies entirely on one side of 0 (a difference is detected)."""
-        return self.lo > 0 or self.hi < 0
-
-    def __iter__(self):  # est, lo, hi = ci
-        return iter((self.estimate, self.lo, self.hi))
-
-    def __str__(self) -> str:
-        return f"{self.estimate:.4f} [{self.lo:.4f}, {self.hi:.4f}]"
 
 
 # --------------------------------------------------------------------------- forward passes
@@ -279,79 +261,39 @@ def evaluate(model: nn.Module, images, labels: Optional[Tensor] = None,
 
 
 # --------------------------------------------------------------------------- uncertainty
-def _resample_stat(x: np.ndarray, idx: np.ndarray, stat: Callable) -> np.ndarray:
-    try:
-        return np.asarray(stat(x[idx], axis=1), dtype=float)
-    except TypeError:  # a statistic without an axis argument
-        return np.array([stat(x[i]) for i in idx], dtype=float)
-
-
-def _percentile(values: np.ndarray, level: float) -> Tuple[float, float]:
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(values, [alpha, 1 - alpha])
-    return float(lo), float(hi)
-
-
+# The statistics live in dsm_lite.stats; these keep the evaluation names and signatures
+# (1-D per-photo arrays, NumPy's resampling stream whatever the input's type).
 def bootstrap_ci(x, n_boot: int = 2000, seed: int = 0, stat: Callable = np.mean,
                  level: float = 0.95) -> BootstrapCI:
-    """Percentile bootstrap CI of ``stat`` over photos.
+    """Percentile bootstrap CI of ``stat`` over photos (:func:`dsm_lite.stats.bootstrap_ci`).
 
     Args:
-        x: (N,) per-photo values (bools count as 0/1).
+        x: (N,) per-photo values (bools count as 0/1; tensors are converted to NumPy).
         stat: a statistic taking ``axis=`` (np.mean, np.median), or any callable of a 1-D array.
     """
-    x = np.asarray(x, dtype=float)
-    if x.ndim != 1 or len(x) == 0:
-        raise ValueError(f"x must be a non-empty 1-D array, got shape {x.shape}")
-    idx = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
-    lo, hi = _percentile(_resample_stat(x, idx, stat), level)
-    return BootstrapCI(float(stat(x)), lo, hi, level, n_boot)
+    return stats.bootstrap_ci(_per_photo(x), n_boot, seed, level, stat=stat)
 
 
 def paired_bootstrap(a, b, n_boot: int = 2000, seed: int = 0, stat: Callable = np.mean,
                      level: float = 0.95) -> BootstrapCI:
-    """CI of ``stat(a) - stat(b)`` for two methods on the *same* photos (paired bootstrap).
+    """CI of ``stat(a) - stat(b)`` for two methods on the *same* photos
+    (:func:`dsm_lite.stats.paired_bootstrap`).
 
-    Photos are resampled jointly, so photo-to-photo variation that both methods share
-    cancels. ``a``, ``b``: (N,) per-photo values in the same photo order (e.g.
-    ``EvalResult.correct1`` of two configs). Identical arrays give exactly [0, 0].
+    Args:
+        a, b: (N,) per-photo values in the same photo order (e.g. ``EvalResult.correct1`` of
+            two configs). Identical arrays give exactly [0, 0].
     """
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
         raise ValueError(f"a and b must be 1-D arrays of equal length, got {a.shape} and {b.shape}")
-    idx = np.random.default_rng(seed).integers(0, len(a), size=(n_boot, len(a)))
-    diffs = _resample_stat(a, idx, stat) - _resample_stat(b, idx, stat)
-    lo, hi = _percentile(diffs, level)
-    return BootstrapCI(float(stat(a) - stat(b)), lo, hi, level, n_boot, "paired percentile bootstrap")
+    return stats.paired_bootstrap(a, b, n_boot, seed, level, stat=stat)
 
 
-def wilson_ci(successes, n: Optional[int] = None, level: float = 0.95) -> BootstrapCI:
-    """Wilson score interval of a rate: ``successes`` a count (with ``n``) or an (N,) 0/1 array."""
-    if n is None:
-        arr = np.asarray(successes, dtype=float)
-        successes, n = float(arr.sum()), len(arr)
-    if n <= 0:
-        raise ValueError("n must be positive")
-    z = _normal_quantile(1 - (1 - level) / 2)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    lo = 0.0 if successes <= 0 else max(0.0, centre - half)
-    hi = 1.0 if successes >= n else min(1.0, centre + half)
-    return BootstrapCI(float(p), lo, hi, level, 0, "Wilson")
-
-
-def _normal_quantile(q: float) -> float:
-    """Inverse standard normal CDF (bisection on erf; exact enough for CIs)."""
-    lo, hi = -10.0, 10.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < q:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
+def _per_photo(x) -> np.ndarray:
+    x = np.asarray(x, dtype=float)
+    if x.ndim != 1 or len(x) == 0:
+        raise ValueError(f"x must be a non-empty 1-D array, got shape {x.shape}")
+    return x
 
 
 # --------------------------------------------------------------------------- cache keys
@@ -613,10 +555,8 @@ def _row(config, cfg, sched, result: EvalResult, cached: bool, n_boot: int, seed
     row["gmacs"] = sched.macs / 1e9
     row["tokens_out"] = sched.tokens[-1]
     row["n"] = len(result)
-    per_photo = {"top1": result.correct1, "top5": result.correct5, "agreement": result.agree,
-                 "kl": result.kl}
-    for name, values in per_photo.items():
-        ci = bootstrap_ci(values, n_boot, seed)
+    for name, field in PER_PHOTO.items():
+        ci = bootstrap_ci(getattr(result, field), n_boot, seed)
         row[name], row[f"{name}_lo"], row[f"{name}_hi"] = ci.estimate, ci.lo, ci.hi
     if labels is not None:
         dense_correct = (dense.argmax(dim=1) == labels.cpu()).numpy()

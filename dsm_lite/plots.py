@@ -12,6 +12,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .stats import percentile_band
+
 __all__ = [
     "to_numpy",
     "denormalize",
@@ -44,9 +46,9 @@ def denormalize(img, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> np.ndarray:
 
 
 def band(values, low: float = 10, high: float = 90, axis: int = 0):
-    """(median, low percentile, high percentile) of ``values`` over ``axis``."""
-    v = to_numpy(values)
-    return np.median(v, axis=axis), np.percentile(v, low, axis=axis), np.percentile(v, high, axis=axis)
+    """(median, low percentile, high percentile) of ``values`` over ``axis``, as NumPy arrays
+    (:func:`dsm_lite.stats.percentile_band` of ``to_numpy(values)``)."""
+    return percentile_band(to_numpy(values), low, high, axis)
 
 
 def plot_percentile_band(ax, values, x=None, low: float = 10, high: float = 90, label=None,
@@ -142,10 +144,8 @@ def plot_received_outliers_vs_rest(ax, per_token_outlier, per_token_rest, unifor
     x = np.arange(to_numpy(per_token_rest).shape[1]) if blocks is None else np.asarray(blocks)
     for v, label in ((per_token_outlier, "high-norm outlier token"), (per_token_rest, "other patch token")):
         a = to_numpy(v)
-        keep = ~np.isnan(a).all(axis=0)
-        med = np.nanmedian(a[:, keep], axis=0)
-        lo = np.nanpercentile(a[:, keep], low, axis=0)
-        hi = np.nanpercentile(a[:, keep], high, axis=0)
+        keep = ~np.isnan(a).all(axis=0)  # blocks where some photo has a value
+        med, lo, hi = percentile_band(a[:, keep], low, high, ignore_nan=True)
         line, = ax.plot(x[keep], med, marker="o", label=label)
         ax.fill_between(x[keep], lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
     if uniform is not None:

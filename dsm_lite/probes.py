@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import stats
 from .devices import DeviceMismatchError, check_available, check_same_device, model_device, same_device, to_model
 from .numerics import widen
 
@@ -693,29 +694,24 @@ def transition_block(delta_sim: torch.Tensor, min_later: float = 0.75) -> Option
 
 def bootstrap_ci(values: torch.Tensor, n_boot: int = 2000, level: float = 0.95, seed: int = 0,
                  dim: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Percentile-bootstrap confidence interval of the mean over ``dim``
-    (photos). Returns (mean, low, high), each with ``dim`` removed, on the
-    device of ``values`` (the resampling indices come from a seeded CPU
-    generator, so a seed gives the same interval on every device)."""
-    v = torch.as_tensor(values, dtype=torch.float64).movedim(dim, 0)
-    n = v.shape[0]
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (n_boot, n), generator=g).to(v.device)
-    means = v[idx].mean(dim=1)
-    a = (1 - level) / 2
-    lo = torch.quantile(means, a, dim=0)
-    hi = torch.quantile(means, 1 - a, dim=0)
-    return v.mean(dim=0), lo, hi
+    """Percentile-bootstrap confidence interval of the mean over ``dim`` (photos), on torch's
+    resampling stream (:func:`dsm_lite.stats.bootstrap_ci` of a float64 tensor).
+
+    Args:
+        values: (N, ...) per-photo values, photos along ``dim``.
+
+    Returns:
+        (mean, low, high), each with ``dim`` removed, float64 on the device of ``values``.
+    """
+    ci = stats.bootstrap_ci(torch.as_tensor(values, dtype=torch.float64), n_boot, seed, level, dim=dim)
+    return ci.estimate, ci.lo, ci.hi
 
 
 def percentile_band(values: torch.Tensor, low: float = 10, high: float = 90,
                     dim: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(median, low percentile, high percentile) over ``dim`` (photos), on the
-    device of ``values``."""
-    v = torch.as_tensor(values, dtype=torch.float64)
-    q = torch.tensor([0.5, low / 100, high / 100], dtype=torch.float64, device=v.device)
-    med, lo, hi = torch.quantile(v, q, dim=dim)
-    return med, lo, hi
+    """(median, low percentile, high percentile) over ``dim`` (photos), float64 on the device of
+    ``values`` (:func:`dsm_lite.stats.percentile_band` of a tensor)."""
+    return stats.percentile_band(torch.as_tensor(values, dtype=torch.float64), low, high, dim)
 
 
 def group_contiguity(groups: Tensor) -> Tuple[Tensor, Tensor]:

@@ -1,0 +1,256 @@
+"""Methods compared at equal compute: the analysis of :func:`dsm_lite.evaluation.sweep` tables.
+
+A *sweep table* is the DataFrame of :func:`~dsm_lite.evaluation.sweep`: one row per config with
+``label``, ``r``, ``gmacs`` and ``result`` (the per-photo :class:`~dsm_lite.evaluation.EvalResult`).
+*Sweeps* map a photo-set name to its table, all run with the same configs; the photo sets are
+pooled (concatenated, in the mapping's order) wherever per-photo values are compared. A
+*curve* is one method's rows with the dense model (label ``"dense"``, r = 0) as its
+zero-merging end, sorted by GMACs.
+
+- :func:`curve`, :func:`at_gmacs`, :func:`pooled`: per-photo values of a method at an r, or
+  interpolated linearly in GMACs to any budget on its curve.
+- :func:`equal_gmacs`, :func:`matched_differences`: a method minus a reference method at the
+  GMACs of each of its points (paired bootstrap per point, or the per-photo differences for
+  :func:`dsm_lite.stats.simultaneous_band`).
+- :func:`paired_columns`, :func:`vs`: paired differences between rows, as table columns.
+- :func:`saved_within`, :func:`saved_within_ci`: the share of dense GMACs a method saves before
+  a metric falls a given drop below dense.
+
+Metrics are sweep columns with per-photo values: ``top1``, ``top5``, ``agreement``, ``kl``.
+"""
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+
+from .evaluation import PER_PHOTO, EvalResult
+from .stats import bootstrap_indices, paired_bootstrap
+
+__all__ = ["per_photo", "curve", "at_gmacs", "pooled", "equal_gmacs", "matched_differences",
+           "paired_columns", "vs", "saved_within", "saved_within_ci"]
+
+Sweeps = Mapping[str, pd.DataFrame]
+
+
+def per_photo(result: EvalResult, metric: str) -> np.ndarray:
+    """(N,) per-photo values of the sweep column ``metric`` (``top1`` -> ``result.correct1``, ...)."""
+    if metric not in PER_PHOTO:
+        raise ValueError(f"metric must be one of {sorted(PER_PHOTO)}, got {metric!r}")
+    return getattr(result, PER_PHOTO[metric])
+
+
+def curve(df: pd.DataFrame, label: str) -> pd.DataFrame:
+    """One method's rows of a sweep table and the dense row (its r = 0 end), sorted by GMACs."""
+    return pd.concat([df[df.label == "dense"], df[df.label == label]]).sort_values("gmacs")
+
+
+def at_gmacs(pts: pd.DataFrame, g: float, metric: str) -> Optional[np.ndarray]:
+    """Per-photo values of a curve at ``g`` GMACs, linear in GMACs between its two nearest points.
+
+    Args:
+        pts: a :func:`curve` (at least two rows, sorted by GMACs).
+        g: GMACs per image.
+        metric: a sweep column with per-photo values.
+
+    Returns:
+        (N,) float64 values, or None when ``g`` lies outside the curve (beyond 1e-9 GMACs).
+    """
+    x = pts.gmacs.to_numpy()
+    if len(x) < 2:
+        raise ValueError(f"a curve needs at least two points, got {len(x)}")
+    if not x[0] - 1e-9 <= g <= x[-1] + 1e-9:
+        return None
+    i = int(np.clip(np.searchsorted(x, g), 1, len(x) - 1))
+    a, b = pts.iloc[i - 1], pts.iloc[i]
+    w = (g - a.gmacs) / (b.gmacs - a.gmacs)
+    return (1 - w) * per_photo(a.result, metric) + w * per_photo(b.result, metric)
+
+
+def pooled(sweeps: Sweeps, label: str, metric: str, *, g: Optional[float] = None,
+           r: Optional[int] = None) -> Optional[np.ndarray]:
+    """Per-photo values of one method over all photo sets, concatenated.
+
+    Args:
+        sweeps: photo-set name -> sweep table.
+        label: the method's label.
+        metric: a sweep column with per-photo values.
+        g: GMACs to interpolate to along the method's :func:`curve`; or None, then
+        r: the row with this r.
+
+    Returns:
+        (N_total,) float64 values, or None when ``g`` lies outside the curve of some set.
+    """
+    out = []
+    for df in sweeps.values():
+        if g is None:
+            rows = df[(df.label == label) & (df.r == r)]
+            if rows.empty:
+                raise KeyError(f"no row with label {label!r} and r = {r}")
+            out.append(per_photo(rows.iloc[0].result, metric))
+        else:
+            out.append(at_gmacs(curve(df, label), g, metric))
+    return None if any(o is None for o in out) else np.concatenate(out).astype(float)
+
+
+def _gmacs(sweeps: Sweeps, label: str, r: int) -> float:
+    """GMACs of (label, r), read from the first set (they depend on the schedule, not the photos)."""
+    df = next(iter(sweeps.values()))
+    rows = df[(df.label == label) & (df.r == r)]
+    if rows.empty:
+        raise KeyError(f"no row with label {label!r} and r = {r}")
+    return float(rows.gmacs.iloc[0])
+
+
+def equal_gmacs(sweeps: Sweeps, methods: Mapping[str, Sequence[int]], ref: str = "ToMe",
+                metrics: Sequence[str] = ("top1", "agreement"), n_boot: int = 2000,
+                seed: int = 0) -> pd.DataFrame:
+    """Each method minus ``ref`` at equal GMACs, photo sets pooled, one paired bootstrap per point.
+
+    At every point (label, r) of ``methods``, the reference's per-photo values are interpolated
+    to that point's GMACs (:func:`pooled`); points beyond the reference's curve are skipped.
+
+    Args:
+        sweeps: photo-set name -> sweep table (with ``ref`` and every method in ``methods``).
+        methods: label -> the r values to compare.
+        ref: label of the reference method.
+        metrics: sweep columns with per-photo values.
+        n_boot, seed: of :func:`dsm_lite.stats.paired_bootstrap`.
+
+    Returns:
+        One row per matched (method, r, metric): ``method, r, gmacs, metric, diff, lo, hi``
+        (shares, 95% percentile interval).
+    """
+    rows = []
+    for label, rs in methods.items():
+        for r in rs:
+            g = _gmacs(sweeps, label, r)
+            for metric in metrics:
+                base = pooled(sweeps, ref, metric, g=g)
+                if base is None:
+                    continue
+                d = paired_bootstrap(pooled(sweeps, label, metric, r=r), base, n_boot, seed)
+                rows.append(dict(method=label, r=r, gmacs=g, metric=metric, diff=d.estimate, lo=d.lo, hi=d.hi))
+    return pd.DataFrame(rows)
+
+
+def matched_differences(sweeps: Sweeps, label: str, rs: Sequence[int], metric: str,
+                        ref: str = "ToMe") -> Tuple[np.ndarray, np.ndarray]:
+    """Per-photo differences, ``label`` minus ``ref`` at equal GMACs, at every matched r.
+
+    Feed them to :func:`dsm_lite.stats.simultaneous_band` for intervals that hold for all the
+    matched points together.
+
+    Args:
+        sweeps, ref, metric: as in :func:`equal_gmacs`.
+        label: the method.
+        rs: its r values; those beyond the reference's curve are left out.
+
+    Returns:
+        (matched r values (k,), differences (N_total, k) float64).
+    """
+    kept, cols = [], []
+    for r in rs:
+        base = pooled(sweeps, ref, metric, g=_gmacs(sweeps, label, r))
+        if base is not None:
+            kept.append(r)
+            cols.append(pooled(sweeps, label, metric, r=r) - base)
+    if not cols:
+        raise ValueError(f"no r of {label!r} lies within the GMACs of {ref!r}")
+    return np.asarray(kept), np.stack(cols, axis=1)
+
+
+def paired_columns(a: EvalResult, b: EvalResult, metrics: Sequence[str] = ("top1", "agreement"),
+                   n_boot: int = 2000, seed: int = 0, scale: float = 100.0) -> Dict[str, float]:
+    """``a`` minus ``b`` on the same photos, per metric: ``d_<m>, d_<m>_lo, d_<m>_hi``.
+
+    Args:
+        a, b: per-photo results of two configs on the same photos, in the same order.
+        metrics: sweep columns with per-photo values.
+        n_boot, seed: of :func:`dsm_lite.stats.paired_bootstrap`.
+        scale: multiplies every value (100: shares in percentage points).
+    """
+    out: Dict[str, float] = {}
+    for m in metrics:
+        d = paired_bootstrap(per_photo(a, m), per_photo(b, m), n_boot, seed)
+        out.update({f"d_{m}": d.estimate * scale, f"d_{m}_lo": d.lo * scale, f"d_{m}_hi": d.hi * scale})
+    return out
+
+
+def vs(df: pd.DataFrame, ref_mask, metric: str = "agreement", n_boot: int = 2000,
+       seed: int = 0) -> pd.DataFrame:
+    """Every row of a sweep table minus its reference row, on the same photos, in points.
+
+    Args:
+        df: a sweep table.
+        ref_mask: boolean mask of ``df`` whose first True row is the reference.
+        metric: a sweep column with per-photo values.
+        n_boot, seed: of :func:`dsm_lite.stats.paired_bootstrap`.
+
+    Returns:
+        Columns ``d_<metric>, lo, hi`` (percentage points for shares), ``df``'s index.
+    """
+    ref = df[ref_mask].iloc[0].result
+    cols = [paired_columns(x, ref, (metric,), n_boot, seed) for x in df.result]
+    return pd.DataFrame({f"d_{metric}": [c[f"d_{metric}"] for c in cols],
+                         "lo": [c[f"d_{metric}_lo"] for c in cols],
+                         "hi": [c[f"d_{metric}_hi"] for c in cols]}, index=df.index)
+
+
+def saved_within(sweeps: Sweeps, label: str, metric: str, drop: float = 0.01,
+                 idx: Optional[np.ndarray] = None) -> Tuple[np.ndarray, bool]:
+    """Share of dense GMACs saved where ``metric`` first falls ``drop`` below dense (pooled photos).
+
+    Along the method's :func:`curve` (GMACs from the first set), from dense towards fewer
+    GMACs, the mean over pooled photos is compared with the dense mean minus ``drop``; the
+    crossing is interpolated linearly in GMACs between the last point above and the first
+    below. A curve that never falls that far gives its last point: a bound, not an estimate.
+
+    Args:
+        sweeps: photo-set name -> sweep table.
+        label: the method.
+        metric: a sweep column with per-photo values (a share: higher is better).
+        drop: the allowed fall, in the metric's units (0.01: one percentage point), > 0.
+        idx: (B, N_total) bootstrap indices into the pooled photos, or None for the estimate.
+
+    Returns:
+        (saved share of dense GMACs: (1,) for the estimate, (B,) with ``idx``; censored: the
+        curve's mean never falls ``drop`` below dense, so the saving is a lower bound).
+    """
+    if not drop > 0:
+        raise ValueError(f"drop must be positive, got {drop}")
+    pts = curve(next(iter(sweeps.values())), label).sort_values("gmacs", ascending=False)
+    vals = np.stack([pooled(sweeps, lab, metric, r=r) for lab, r in zip(pts.label, pts.r)])  # (points, N)
+    if idx is None:
+        m = vals.mean(1)[:, None]                                          # (points, 1)
+    else:
+        m = np.stack([v[idx].mean(-1) for v in vals])                     # (points, B)
+    g = pts.gmacs.to_numpy()
+    thr = m[0] - drop
+    below = m < thr
+    out = np.full(m.shape[1], g[-1])
+    cols = np.nonzero(below.any(axis=0))[0]
+    k = below[:, cols].argmax(axis=0)                                      # first point below
+    w = (m[k - 1, cols] - thr[cols]) / (m[k - 1, cols] - m[k, cols])
+    out[cols] = g[k - 1] + w * (g[k] - g[k - 1])
+    mean = vals.mean(1)
+    return 1 - out / g[0], bool(not (mean < mean[0] - drop).any())
+
+
+def saved_within_ci(sweeps: Sweeps, label: str, metric: str, drop: float = 0.01, n_boot: int = 2000,
+                    seed: int = 0, level: float = 0.95) -> Dict[str, float]:
+    """:func:`saved_within` with a percentile-bootstrap interval over the pooled photos.
+
+    The resamples are :func:`dsm_lite.stats.bootstrap_indices` (N_total photos, ``n_boot``,
+    ``seed``), the same for every method and metric. The interval's quantiles are
+    ``(1 -+ level) / 2`` rounded to 12 decimals (0.95: exactly 0.025 and 0.975).
+
+    Returns:
+        dict ``est, lo, hi`` (shares of dense GMACs) and ``censored`` (see :func:`saved_within`).
+    """
+    est, censored = saved_within(sweeps, label, metric, drop)
+    n = sum(len(next(iter(df.result))) for df in sweeps.values())
+    boot, _ = saved_within(sweeps, label, metric, drop, idx=bootstrap_indices(n, n_boot, seed))
+    lo, hi = np.quantile(boot, np.round([(1 - level) / 2, (1 + level) / 2], 12))
+    return dict(est=float(est[0]), lo=float(lo), hi=float(hi), censored=censored)
