@@ -1,35 +1,52 @@
-"""Dense vs ToMe vs spatial vs DSM: throughput speed-up against MAC reduction, in one run.
+"""Dense vs ToMe vs spatial vs DSM: speed-up against MAC reduction and against an oracle.
 
-For each model, every configuration (dense, then each method at each r) is timed
-round-robin (``dsm_lite.interleaved_throughput``: one batch per configuration per round,
-warm-up rounds discarded, device synchronised), so slow drifts of a shared machine hit all
-configurations alike. It prints, per configuration:
+For each model and batch size, every configuration (dense, then each method at each r, and
+for each of those its *oracle*) is timed round-robin (``dsm_lite.interleaved_throughput``:
+one batch per configuration per round, warm-up rounds discarded, device synchronised), so
+slow drifts of a shared machine hit all configurations alike. The oracle
+(``dsm_lite.measure.TruncationOracle``) runs the same per-block token counts as the merged
+model with no matching at all (it keeps the first tokens), so it separates what the smaller
+shapes cost from what merging itself costs. It prints, per configuration:
 
-    GMACs, images/s (mean ± std over runs), speed-up = im/s / dense im/s,
-    MAC reduction = dense MACs / MACs, and efficiency = speed-up / MAC reduction
-    (1.0 when merging costs nothing beyond the MACs it saves).
+    GMACs (the schedule's, equal to torchprofile's count), images/s (mean ± std over runs),
+    speed-up = im/s / dense im/s, MAC reduction = dense MACs / MACs,
+    MAC efficiency = speed-up / MAC reduction (1.0 when merging costs nothing beyond the
+    MACs it saves), and oracle efficiency = merged im/s / oracle im/s (1.0 when matching and
+    merging are free).
 
 It then profiles one batch per method with ``torch.profiler`` and splits the time into the
 transformer's own work and the merging overhead (similarity and matching, sorts, gathers
 and scatters), so one can see where any shortfall goes.
 
+``--compile`` times ``torch.compile``-d dense, merged and oracle models instead (each
+configuration compiled once per batch size, ``fullgraph=True``); ``--amp fp16|bf16`` runs
+everything under ``torch.autocast``; ``--device cuda`` on a GPU (inputs made on the device,
+the device synchronised around every timed run, CUDA time in the profile).
+
 Usage (numbers are machine-dependent; commit the output with the machine named):
 
-    python benchmarks/throughput.py --models vit_tiny_patch16_224 deit_small_patch16_224
+    python benchmarks/throughput.py --models vit_tiny_patch16_224 deit_small_patch16_224 \
+        --batch-sizes 1 8 32 --runs 30 20 10
+    python benchmarks/throughput.py --device cuda --amp fp16 --batch-sizes 1 32 256 \
+        --models vit_tiny_patch16_224 deit_small_patch16_224 vit_base_patch16_224
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import platform
+import subprocess
 import sys
+import time
 from collections import defaultdict
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import timm
 import torch
 
 import dsm_lite
-from dsm_lite.measure import time_breakdown
+from dsm_lite.measure import TruncationOracle, time_breakdown
 
 
 def build(name: str, device: torch.device) -> torch.nn.Module:
@@ -37,66 +54,156 @@ def build(name: str, device: torch.device) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False).eval().to(device)
 
 
+AMP = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def machine(device: torch.device) -> str:
+    """The processor (lscpu's model name) or GPU, and the thread count."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    name = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration, subprocess.SubprocessError):
+        pass
+    return f"CPU {name}, {torch.get_num_threads()} threads"
+
+
+class Autocast(torch.nn.Module):
+    """``module`` run under ``torch.autocast`` (or as it is, for dtype None)."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, dtype: Optional[torch.dtype]):
+        super().__init__()
+        self.module, self.device_type, self.dtype = module, device.type, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = torch.autocast(self.device_type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+        with ctx:
+            return self.module(x)
+
+
+Config = Tuple[str, str, int]  # (kind: dense/merged/oracle, method, r)
+
+
+def configurations(methods: List[str], rs: List[int]) -> List[Config]:
+    configs: List[Config] = [("dense", "-", 0)]
+    for method in methods:
+        for r in rs:
+            configs += [("merged", method, r), ("oracle", method, r)]
+    return configs
+
+
+def instantiate(base: torch.nn.Module, config: Config) -> torch.nn.Module:
+    """The model of one configuration: its own patched copy (merged), or the shared dense
+    weights (dense; oracle, which calls the unpatched modules)."""
+    kind, method, r = config
+    if kind == "dense":
+        return base
+    if kind == "oracle":
+        return TruncationOracle(base, dsm_lite.schedule(base, method, r))
+    return dsm_lite.patch(copy.deepcopy(base), method, r=r)
+
+
+def run_model(name: str, args, device: torch.device) -> None:
+    base = build(name, device)
+    size = (3,) + tuple(base.patch_embed.img_size)
+    configs = configurations(args.methods, args.r)
+    macs = [dsm_lite.schedule(base, "tome", 0).macs if kind == "dense" else dsm_lite.schedule(base, m, r).macs
+            for kind, m, r in configs]
+    if args.count_macs:  # torchprofile's count, through the patched model
+        for (kind, m, r), mc in zip(configs, macs):
+            if kind == "merged":
+                assert dsm_lite.count_macs(dsm_lite.patch(base, m, r=r), size) == mc, (m, r)
+                dsm_lite.unpatch(base)
+    models = [instantiate(base, c) for c in configs]
+    amp = AMP[args.amp]
+    runs = args.runs + [args.runs[-1]] * (len(args.batch_sizes) - len(args.runs))
+    for batch, nruns in zip(args.batch_sizes, runs):
+        fns = [Autocast(m, device, amp) for m in models]
+        label = "eager"
+        if args.compile:
+            label = "compiled (torch.compile, fullgraph=True)"
+            torch._dynamo.reset()
+            x = torch.randn(batch, *size, device=device)
+            compiled = []
+            for config, fn in zip(configs, fns):
+                t0 = time.perf_counter()
+                cfn = torch.compile(fn, fullgraph=True, dynamic=False)
+                with torch.no_grad():
+                    cfn(x)
+                print(f"  compiled {config} at batch {batch} in {time.perf_counter() - t0:.0f} s", flush=True)
+                compiled.append(cfn)
+            fns = compiled
+        t0 = time.perf_counter()
+        results = dsm_lite.interleaved_throughput(fns, batch_size=batch, input_size=size, runs=nruns,
+                                                  warmup=args.warmup, device=device)
+        elapsed = time.perf_counter() - t0
+        dense_tp, dense_macs = results[0].mean, macs[0]
+        print(f"\n{name}, batch {batch}, {label}, amp {args.amp}: {nruns} timed rounds after "
+              f"{args.warmup} warm-up rounds ({elapsed:.0f} s)")
+        print(f"{'method':<8} {'r':>3} {'GMACs':>7} {'im/s':>9} {'± std':>8} {'speed-up':>9} "
+              f"{'MAC red.':>9} {'MAC eff.':>9} {'oracle im/s':>12} {'oracle eff.':>12}")
+        by_config = dict(zip(configs, zip(results, macs)))
+        summary: Dict[str, list] = defaultdict(list)
+        for config in configs:
+            kind, method, r = config
+            if kind == "oracle":
+                continue
+            tp, mc = by_config[config]
+            speed, red = tp.mean / dense_tp, dense_macs / mc
+            line = (f"{method if kind == 'merged' else 'dense':<8} {r:>3} {mc / 1e9:>7.3f} {tp.mean:>9.1f} "
+                    f"{tp.std:>8.1f} {speed:>9.3f} {red:>9.3f} {speed / red:>9.3f}")
+            if kind == "merged":
+                oracle = by_config[("oracle", method, r)][0].mean
+                line += f" {oracle:>12.1f} {tp.mean / oracle:>12.3f}"
+                summary[method].append((r, speed, speed / red, tp.mean / oracle))
+            print(line)
+        for method, rows in summary.items():
+            big = [row for row in rows if row[0] >= 8]
+            slower = [r for r, s, _, _ in rows if s < 1.0]
+            mac_eff = min(e for _, _, e, _ in big) if big else float("nan")
+            orc_eff = min(e for _, _, _, e in big) if big else float("nan")
+            print(f"  {method}: lowest at r>=8: MAC efficiency {mac_eff:.3f}, oracle efficiency "
+                  f"{orc_eff:.3f}; slower than dense at r={slower if slower else 'none'}")
+        if not args.no_profile:
+            x = torch.randn(batch, *size, device=device)
+            print(f"  where the time goes (share of profiled op time, one batch of {batch}, r={max(args.r)}):")
+            for method in args.methods:
+                i = configs.index(("merged", method, max(args.r)))
+                parts = time_breakdown(fns[i] if args.compile else Autocast(models[i], device, amp), x)
+                text = ", ".join(f"{k} {v:.1%}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
+                print(f"    {method:<8} {text}")
+        sys.stdout.flush()
+
+
 def main(argv: List[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["vit_tiny_patch16_224", "deit_small_patch16_224"])
     ap.add_argument("--methods", nargs="+", default=["tome", "spatial", "dsm"])
-    ap.add_argument("--r", nargs="+", type=int, default=[4, 8, 13, 16])
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--r", nargs="+", type=int, default=[8, 16])
+    ap.add_argument("--batch-sizes", "--batch-size", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--runs", nargs="+", type=int, default=[50],
+                    help="timed rounds, per batch size (the last value repeats)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--amp", choices=sorted(AMP), default="none", help="torch.autocast dtype")
+    ap.add_argument("--compile", action="store_true", help="time torch.compile-d models")
+    ap.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
+    ap.add_argument("--count-macs", action="store_true",
+                    help="also check the schedule's MACs against torchprofile's count")
+    ap.add_argument("--no-profile", action="store_true", help="skip the time breakdown")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    print(f"device: {where}; torch {torch.__version__}, timm {timm.__version__}; "
-          f"batch {args.batch_size}, {args.runs} timed rounds after {args.warmup} warm-up rounds")
+    print(f"device: {machine(device)}; torch {torch.__version__}, timm {timm.__version__}; "
+          f"batch sizes {args.batch_sizes}, rounds {args.runs}, warm-up {args.warmup}; amp {args.amp}; "
+          f"{'compiled' if args.compile else 'eager'}")
     for name in args.models:
-        model = build(name, device)
-        configs = [("dense", 0)] + [(m, r) for m in args.methods for r in args.r]
-        setups, macs = [], []
-        for method, r in configs:
-            def setup(method=method, r=r):
-                if method == "dense":
-                    dsm_lite.unpatch(model)
-                else:
-                    dsm_lite.patch(model, method, r=r)
-            setup()
-            macs.append(dsm_lite.count_macs(model, (3,) + tuple(model.patch_embed.img_size)))
-            setups.append(setup)
-        results = dsm_lite.interleaved_throughput(
-            [model] * len(configs), batch_size=args.batch_size,
-            input_size=(3,) + tuple(model.patch_embed.img_size), runs=args.runs,
-            warmup=args.warmup, device=device, setups=setups)
-        dense_tp, dense_macs = results[0].mean, macs[0]
-        print(f"\n{name}")
-        print(f"{'method':<8} {'r':>3} {'GMACs':>7} {'im/s':>8} {'± std':>7} {'speed-up':>9} "
-              f"{'MAC red.':>9} {'efficiency':>10}")
-        worst = {}
-        for (method, r), tp, mc in zip(configs, results, macs):
-            speed, red = tp.mean / dense_tp, dense_macs / mc
-            eff = speed / red
-            print(f"{method:<8} {r:>3} {mc / 1e9:>7.3f} {tp.mean:>8.1f} {tp.std:>7.1f} "
-                  f"{speed:>9.3f} {red:>9.3f} {eff:>10.3f}")
-            if method != "dense":
-                worst.setdefault(method, []).append((r, speed, eff))
-        for method, rows in worst.items():
-            slower = [r for r, s, _ in rows if s < 1.0]
-            low = min(e for r, _, e in rows if r >= 8) if any(r >= 8 for r, _, _ in rows) else float("nan")
-            print(f"  {method}: lowest efficiency at r>=8: {low:.3f}; "
-                  f"slower than dense at r={slower if slower else 'none'}")
-        x = torch.randn(args.batch_size, 3, *model.patch_embed.img_size, device=device)
-        print("  where the time goes (share of profiled op time, one batch, largest r):")
-        for method in args.methods:
-            dsm_lite.patch(model, method, r=max(args.r))
-            parts = time_breakdown(model, x)
-            text = ", ".join(f"{k} {v:.1%}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
-            print(f"    {method:<8} {text}")
-        dsm_lite.unpatch(model)
-    sys.stdout.flush()
+        run_model(name, args, device)
 
 
 if __name__ == "__main__":

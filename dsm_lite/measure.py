@@ -15,7 +15,7 @@ from torch import nn
 from .devices import DeviceMismatchError, check_available, check_same_device, model_device, same_device
 
 __all__ = ["count_macs", "Throughput", "measure_throughput", "interleaved_throughput",
-           "CATEGORIES", "time_breakdown", "split_self_time", "profiler_activities"]
+           "CATEGORIES", "time_breakdown", "split_self_time", "profiler_activities", "TruncationOracle"]
 
 
 @torch.no_grad()
@@ -155,8 +155,11 @@ def measure_throughput(model: nn.Module, batch_size: int = 32,
 #: other op counts as "transformer"
 CATEGORIES: Dict[str, Tuple[str, ...]] = {
     "sorts": ("aten::sort", "aten::argsort", "aten::topk"),
+    # index_select/index_add_/take/cat: what the engine's fast paths use (cat packs features and
+    # sizes into one gather; the transformer itself uses cat once per forward, for the class token)
     "gathers/scatters": ("aten::gather", "aten::scatter", "aten::scatter_", "aten::scatter_reduce",
-                         "aten::index_copy_", "aten::index_copy"),
+                         "aten::index_copy_", "aten::index_copy", "aten::index_select",
+                         "aten::index_add_", "aten::index_add", "aten::take", "aten::cat"),
     "similarity/matching": ("aten::bmm", "aten::matmul", "aten::linalg_vector_norm",
                             "aten::norm", "aten::max", "aten::masked_fill", "aten::one_hot",
                             "aten::cumsum", "aten::clamp_min", "aten::fill_", "aten::mean",
@@ -239,3 +242,51 @@ def time_breakdown(model: nn.Module, x: torch.Tensor) -> Dict[str, float]:
             model(x)
             _sync(device)
     return split_self_time(prof.key_averages(), on_device=device.type == "cuda")
+
+
+def _plain(module: nn.Module, name: str = "forward"):
+    """``module``'s method as its original (unpatched) class defines it, bound to ``module``."""
+    cls = getattr(type(module), "_dsm_original", type(module))
+    return getattr(cls, name).__get__(module)
+
+
+class TruncationOracle(nn.Module):
+    """A benchmarking oracle: a ViT that runs a schedule's token counts with no matching.
+
+    Block i attends over ``tokens_in`` tokens, then simply keeps the first ``tokens_out``
+    (prefix first, then patches in raster order) and runs its MLP on them, exactly where a
+    merged block merges. No similarity, sorting, gathering, size weighting or proportional
+    attention: the time of this model is what the smaller shapes alone cost, so
+    ``oracle time / merged time`` is the efficiency of the merging itself (1.0 when matching
+    and merging are free). Its outputs are meaningless as predictions.
+
+    The oracle shares ``model``'s parameters and calls its modules' original (unpatched)
+    forwards, so it works whether or not ``model`` is patched at the time, and it can be
+    ``torch.compile``-d like the model.
+
+    Args:
+        model: a timm ``VisionTransformer`` (patched or not).
+        schedule: the :class:`~dsm_lite.schedules.Schedule` whose per-block token counts to
+            run, e.g. ``dsm_lite.schedule(model, "dsm", 16)``; its grid must be the model's.
+    """
+
+    def __init__(self, model: nn.Module, schedule) -> None:
+        super().__init__()
+        if len(schedule.blocks) != len(model.blocks):
+            raise ValueError(f"schedule has {len(schedule.blocks)} blocks, model {len(model.blocks)}")
+        n = model.num_prefix_tokens + math.prod(model.patch_embed.grid_size)
+        if schedule.blocks[0].tokens_in != n:
+            raise ValueError(f"schedule starts with {schedule.blocks[0].tokens_in} tokens, "
+                             f"the model with {n}")
+        self.model = model
+        self.tokens_out = tuple(b.tokens_out for b in schedule.blocks)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, classes) logits (of the truncated model)."""
+        m = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+        for block, n in zip(m.blocks, self.tokens_out):
+            x = x + block.drop_path1(block.ls1(_plain(block.attn)(block.norm1(x))))
+            x = x[:, :n]
+            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return _plain(m, "forward_head")(m.norm(x))

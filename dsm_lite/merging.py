@@ -8,19 +8,32 @@ in how they choose indices.
 Shapes: ``B`` batch, ``N`` tokens in the current sequence (prefix tokens first), ``C``
 channels, ``r`` tokens removed, ``P`` protected prefix tokens (class, distillation,
 registers: ``model.num_prefix_tokens``).
+
+Precision: the engine runs on float16, bfloat16, float32 and float64 activations, with or
+without ``torch.autocast``. Matching always scores in float32 (float64 stays float64): the
+similarity feature is upcast and autocast is switched off around the normalisation, the
+similarity matmul, the max and the sort, because in bfloat16 (8 bits of mantissa) cosine
+similarities near 1 collapse into exact ties and the merge order would follow token
+positions instead of similarity. Token sizes are float32 as well (integers up to 2^24 stay
+exact; bfloat16 would round sizes above 256), and the size-weighted average is taken in
+that precision before the merged features go back to their own dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "FLOAT_DTYPES",
     "Merge",
+    "WindowLayout",
     "bipartite_soft_matching",
+    "window_layout",
     "window_soft_matching",
     "window_quota_matching",
     "prune_lowest_norm",
@@ -38,24 +51,73 @@ class Merge:
         src: (B, r) tokens folded into ``dst`` (None for pruning: they are simply dropped).
         dst: (B, r) the token each ``src`` token is folded into.
         keep: (B, N - r) the surviving tokens, in output order.
+        dst_out: optional (B, r) position of each ``dst`` token in the output, i.e. the
+            index ``j`` with ``keep[:, j] == dst``; a matching function that knows it cheaply
+            fills it in, otherwise it is derived from ``keep`` when first needed.
     """
 
     src: Optional[Tensor]
     dst: Optional[Tensor]
     keep: Tensor
+    dst_out: Optional[Tensor] = None
+    # flat (B * k,) row indices, built once per merge and reused for every tensor it moves
+    _flat: Dict[object, Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def r(self) -> int:
         return 0 if self.src is None else self.src.shape[1]
 
     def __call__(self, x: Tensor, mode: str = "mean") -> Tensor:
-        """Apply to (B, N, C) -> (B, N - r, C); ``mode`` is a ``scatter_reduce`` reduction."""
+        """Apply to (B, N, C) -> (B, N - r, C); ``mode`` is a ``scatter_reduce`` reduction.
+
+        ``"sum"`` (what :func:`merge_wavg` uses) and pure selections take a fast path: the
+        survivors are copied with one ``index_select`` and the moved rows added into their
+        destinations with ``index_add_``. That adds in the same order as ``scatter_reduce``
+        with ``include_self`` (destination first, then sources in ``src`` order), so the
+        result is the same to the bit; it just avoids ``gather`` with an expanded index,
+        which reads one index per element and was most of the cost of a merge at batch 1.
+        """
+        if self.src is None:
+            return _take_rows(x, self._rows("keep", self.keep, x.shape[1]))
+        if mode == "sum":
+            n = x.shape[1]
+            out = _take_rows(x, self._rows("keep", self.keep, n))
+            moved = _take_rows(x, self._rows("src", self.src, n))
+            dst = self._rows("dst_out", self.destinations(n), self.keep.shape[1])
+            out.view(-1, out.shape[-1]).index_add_(0, dst, moved.view(-1, moved.shape[-1]))
+            return out
         c = x.shape[-1]
-        if self.src is not None:
-            moved = x.gather(1, self.src[..., None].expand(-1, -1, c))
-            # include_self: the destination's own value takes part, as in ToMe
-            x = x.scatter_reduce(1, self.dst[..., None].expand(-1, -1, c), moved, reduce=mode)
+        moved = x.gather(1, self.src[..., None].expand(-1, -1, c))
+        # include_self: the destination's own value takes part, as in ToMe
+        x = x.scatter_reduce(1, self.dst[..., None].expand(-1, -1, c), moved, reduce=mode)
         return x.gather(1, self.keep[..., None].expand(-1, -1, c))
+
+    def destinations(self, num_tokens: int) -> Tensor:
+        """(B, r) position of each ``dst`` token among the survivors (``dst_out``)."""
+        if self.dst_out is None:
+            b, k = self.keep.shape
+            order = torch.arange(k, device=self.keep.device).expand(b, k)
+            where = self.keep.new_empty(b, num_tokens).scatter_(1, self.keep, order)
+            self.dst_out = where.gather(1, self.dst)
+        return self.dst_out
+
+    def _rows(self, name: str, index: Tensor, num_tokens: int) -> Tensor:
+        """``index`` (B, k) into a (B, num_tokens, C) tensor as (B * k,) rows of its flat view
+        (built once per merge: every tensor the merge moves reuses it)."""
+        if name not in self._flat:
+            start = self._flat.get(num_tokens)
+            if start is None:  # first row of each image
+                b = index.shape[0]
+                start = torch.arange(0, b * num_tokens, num_tokens, device=index.device).view(b, 1)
+                self._flat[num_tokens] = start
+            self._flat[name] = (index + start).view(-1)
+        return self._flat[name]
+
+
+def _take_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """Rows of x (B, N, C) by flat index (B * k,) -> (B, k, C)."""
+    b, n, c = x.shape
+    return x.reshape(b * n, c).index_select(0, rows).view(b, -1, c)
 
 
 def max_reduction(num_tokens: int, num_protected: int = 0) -> int:
@@ -65,6 +127,38 @@ def max_reduction(num_tokens: int, num_protected: int = 0) -> int:
 
 def _normalize(metric: Tensor) -> Tensor:
     return metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+#: activation dtypes the engine supports
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _scoring_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Matching scores and token sizes: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
+
+
+def _full_precision(metric: Tensor):
+    """Context for matching on ``metric``: autocast off (a no-op context when it is off)."""
+    device_type = metric.device.type
+    if _autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _upcast(metric: Tensor) -> Tensor:
+    """float16/bfloat16 -> float32; other dtypes unchanged (no copy)."""
+    return metric.float() if metric.dtype in _HALF else metric
 
 
 def _tome_order(num_tokens: int, num_protected: int, unm: Tensor, dst_all: Tensor) -> Tensor:
@@ -103,45 +197,99 @@ def bipartite_soft_matching(
     """
     b, n, _ = metric.shape
     r = min(r, max_reduction(n, num_protected))
-    arange = torch.arange(n, device=metric.device)
     if r <= 0:
-        return Merge(None, None, arange.expand(b, n))
-    with torch.no_grad():
-        metric = _normalize(metric)
+        return Merge(None, None, torch.arange(n, device=metric.device).expand(b, n))
+    if order not in ("tome", "sequence"):
+        raise ValueError(f"order must be 'tome' or 'sequence', got {order!r}")
+    with torch.no_grad(), _full_precision(metric):
+        metric = _normalize(_upcast(metric))
         a, bb = metric[:, ::2], metric[:, 1::2]
         scores = a @ bb.transpose(-1, -2)
         na, nb = (num_protected + 1) // 2, num_protected // 2
         if na:
-            scores[:, :na, :] = -math.inf
+            scores[:, :na, :].fill_(-math.inf)
         if nb:
-            scores[:, :, :nb] = -math.inf
+            scores[:, :, :nb].fill_(-math.inf)
         node_max, node_idx = scores.max(dim=-1)
         # stable: equal scores merge in A order, so results are defined even for ties
         edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
-        unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
+        src_idx = edge_idx[:, :r]
         dst_idx = node_idx.gather(1, src_idx)
+        # sequence positions: A token i sits at 2i, B token j at 2j + 1
+        src, dst = src_idx * 2, dst_idx * 2 + 1
+        if order == "sequence":
+            return Merge(src, dst, _keep_sorted(n, src))
+        unm_idx = edge_idx[:, r:]
         if num_protected:
             unm_idx = unm_idx.sort(dim=1).values
-        # sequence positions of A and B tokens (a lookup, not index arithmetic, so that
-        # MAC counters see no multiplications here)
-        pos_a, pos_b = arange[0::2].expand(b, -1), arange[1::2].expand(b, -1)
-        src, dst, unm = pos_a.gather(1, src_idx), pos_b.gather(1, dst_idx), pos_a.gather(1, unm_idx)
-        if order == "tome":
-            keep = _tome_order(n, num_protected, unm, pos_b)
-        elif order == "sequence":
-            keep = _keep_sorted(n, src)
-        else:
-            raise ValueError(f"order must be 'tome' or 'sequence', got {order!r}")
-    return Merge(src, dst, keep)
+        pos_b = torch.arange(1, n, 2, device=metric.device).expand(b, -1)
+        keep = _tome_order(n, num_protected, unm_idx * 2, pos_b)
+        # without a B prefix, every B token sits, in order, after the unmerged A tokens
+        dst_out = dst_idx + (keep.shape[1] - n // 2) if nb == 0 else None
+    return Merge(src, dst, keep, dst_out)
 
 
 def _keep_sorted(n: int, removed: Tensor) -> Tensor:
     """(B, N - r) indices of the tokens not in ``removed`` (B, r), ascending."""
     b, r = removed.shape
-    keep = torch.ones(b, n, dtype=torch.bool, device=removed.device)
-    keep = keep.scatter(1, removed, torch.zeros_like(removed, dtype=torch.bool))
-    # each row has exactly n - r True values; a stable sort puts them first, in order
-    return keep.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, : n - r]
+    gone = torch.zeros(b, n, dtype=torch.uint8, device=removed.device).scatter_(1, removed, 1)
+    # each row has exactly n - r zeros; a stable sort puts them first, in order
+    return gone.argsort(dim=1, stable=True)[:, : n - r]
+
+
+@dataclass
+class WindowLayout:
+    """Where window matching puts each patch token: a padded stack of windows.
+
+    Windows are stacked image-major, each as two halves of ``half`` slots (A side, then B
+    side); a token of rank k inside its window (sequence order) goes to side
+    ``(k + P) % 2`` at position ``k // 2``. Only the window ids decide the layout, so it can
+    be built once and reused whenever they are known in advance (e.g. for the first merging
+    block, when every token is still its own patch).
+
+    Attributes:
+        slot: (B * M,) flat slot of each patch token in the (B * W * 2 * half) stack.
+        owner: (B * W, 2, half) sequence index of the token in each slot, -1 for padding.
+        empty: (B * W, 2, half) bool, True for padding slots.
+    """
+
+    slot: Tensor
+    owner: Tensor
+    empty: Tensor
+
+    @property
+    def half(self) -> int:
+        return self.owner.shape[-1]
+
+
+def window_layout(window_ids: Tensor, num_windows: int, window_capacity: int,
+                  num_protected: int = 0) -> WindowLayout:
+    """The :class:`WindowLayout` of patch tokens with ``window_ids`` (B, M) in [0, W).
+
+    Args:
+        window_ids: (B, M) window of each patch token (prefix excluded), in sequence order.
+        num_windows: W, windows per image.
+        window_capacity: most tokens a window can hold.
+        num_protected: P, prefix tokens before the patch tokens (sets the A/B parity and
+            the sequence indices stored in ``owner``).
+    """
+    b, m = window_ids.shape
+    p, device = num_protected, window_ids.device
+    half = (window_capacity + 1) // 2
+    with torch.no_grad():
+        # 1 + rank of each token inside its window, in sequence order
+        hits = window_ids[..., None] == torch.arange(num_windows, device=device)  # (B, M, W)
+        count = hits.cumsum(dim=1).gather(2, window_ids[..., None])[..., 0]  # (B, M)
+        # offset inside the window's 2 * half slots, by 1 + rank: side * half + rank // 2
+        rank = torch.arange(-1, window_capacity, device=device)
+        inner = ((rank + p) % 2) * half + torch.div(rank, 2, rounding_mode="floor")
+        # slot = (image * W + window) * 2 * half + inner
+        first = torch.arange(0, b * num_windows * 2 * half, num_windows * 2 * half, device=device)
+        slot = (first[:, None].add(window_ids, alpha=2 * half) + inner.take(count)).view(-1)
+        owner = torch.full((b * num_windows * 2 * half,), -1, dtype=torch.long, device=device)
+        tokens = torch.arange(p, p + m, device=device).repeat(b)
+        owner = owner.index_copy_(0, slot, tokens).view(b * num_windows, 2, half)
+    return WindowLayout(slot, owner, owner < 0)
 
 
 def window_soft_matching(
@@ -151,6 +299,7 @@ def window_soft_matching(
     num_windows: int,
     window_capacity: int,
     num_protected: int = 0,
+    layout: Optional[WindowLayout] = None,
 ) -> Merge:
     """Bipartite soft matching inside windows, with windows stacked into the batch dimension.
 
@@ -171,6 +320,9 @@ def window_soft_matching(
         num_windows: windows per image.
         window_capacity: most tokens any window can hold (w * w for a w x w window).
         num_protected: prefix tokens, never merged.
+        layout: optional precomputed ``window_layout(window_ids, num_windows,
+            window_capacity, num_protected)``, for callers that know the window ids in
+            advance (it is input-independent until the first merge); built here if None.
 
     Returns:
         A :class:`Merge` whose survivors stay in sequence order.
@@ -179,35 +331,26 @@ def window_soft_matching(
     p = num_protected
     m = n - p
     r = min(r, max((m - num_windows) // 2, 0))
-    device = metric.device
     if r <= 0:
-        return Merge(None, None, torch.arange(n, device=device).expand(b, n))
-    with torch.no_grad():
-        feats = _normalize(metric[:, p:])
-        # rank of each token inside its window, in sequence order
-        onehot = torch.nn.functional.one_hot(window_ids, num_windows)  # (B, M, W)
-        rank = (onehot.cumsum(dim=1) * onehot).sum(-1) - 1  # (B, M)
-        is_b = (rank + p) % 2 == 1
-        half = (window_capacity + 1) // 2
-        # slot = ((image * W + window) * 2 + side) * half + rank // 2
-        img = torch.arange(b, device=device)[:, None]
-        slot = ((img * num_windows + window_ids) * 2 + is_b.long()) * half + rank // 2
-        slot = slot.flatten()
+        return Merge(None, None, torch.arange(n, device=metric.device).expand(b, n))
+    with torch.no_grad(), _full_precision(metric):
+        if layout is None:
+            layout = window_layout(window_ids, num_windows, window_capacity, p)
+        half = layout.half
+        feats = _normalize(_upcast(metric[:, p:]))
         stack = feats.new_zeros(b * num_windows * 2 * half, c)
-        stack.index_copy_(0, slot, feats.reshape(-1, c))
-        owner = torch.full((b * num_windows * 2 * half,), -1, dtype=torch.long, device=device)
-        owner.index_copy_(0, slot, torch.arange(p, n, device=device).repeat(b))
+        stack.index_copy_(0, layout.slot, feats.reshape(-1, c))
         stack = stack.view(b * num_windows, 2, half, c)
-        owner = owner.view(b * num_windows, 2, half)
         scores = stack[:, 0] @ stack[:, 1].transpose(-1, -2)  # (B*W, half, half)
-        valid = owner >= 0
-        scores = scores.masked_fill(~(valid[:, 0, :, None] & valid[:, 1, None, :]), -math.inf)
+        # an empty B slot is never a destination; an empty A slot never proposes (its row
+        # would be all -inf; setting its best score to -inf is the same for every proposal
+        # that can be chosen, since the clamp on r leaves at least r finite proposals)
+        scores.masked_fill_(layout.empty[:, 1, None, :], -math.inf)
         node_max, node_idx = scores.max(dim=-1)  # (B*W, half)
-        node_max = node_max.view(b, num_windows * half)
-        edge = node_max.argsort(dim=-1, descending=True, stable=True)[:, :r]  # (B, r)
-        dst_slot = node_idx.view(b, -1).gather(1, edge) + (edge // half) * half
-        src = owner[:, 0].reshape(b, -1).gather(1, edge)
-        dst = owner[:, 1].reshape(b, -1).gather(1, dst_slot)
+        node_max.masked_fill_(layout.empty[:, 0], -math.inf)
+        edge = node_max.view(b, num_windows * half).argsort(dim=-1, descending=True, stable=True)[:, :r]
+        src = layout.owner[:, 0].reshape(b, -1).gather(1, edge)
+        dst = layout.owner[:, 1].gather(1, node_idx).view(b, -1).gather(1, edge)
         keep = _keep_sorted(n, src)
     return Merge(src, dst, keep)
 
@@ -323,9 +466,9 @@ def prune_lowest_norm(metric: Tensor, r: int, num_protected: int = 0) -> Merge:
     r = min(r, max(n - num_protected - 1, 0))
     if r <= 0:
         return Merge(None, None, torch.arange(n, device=metric.device).expand(b, n))
-    with torch.no_grad():
-        norms = metric.norm(dim=-1)
-        norms[:, :num_protected] = math.inf
+    with torch.no_grad(), _full_precision(metric):
+        norms = _upcast(metric).norm(dim=-1)
+        norms[:, :num_protected].fill_(math.inf)
         dropped = norms.argsort(dim=-1, stable=True)[:, :r]
         keep = _keep_sorted(n, dropped)
     return Merge(None, None, keep)
@@ -334,16 +477,23 @@ def prune_lowest_norm(metric: Tensor, r: int, num_protected: int = 0) -> Merge:
 def merge_wavg(merge: Merge, x: Tensor, size: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Size-weighted average merge. x: (B, N, C), size: (B, N, 1) or None (all ones).
 
-    Returns (B, N - r, C) features and (B, N - r, 1) sizes. For pruning, kept tokens keep
-    their size.
+    Returns (B, N - r, C) features in x's dtype and (B, N - r, 1) sizes. Sizes are float32
+    (float64 for float64 x) and the weighted average is taken in the wider of the two
+    dtypes. For pruning, kept tokens keep their size.
     """
     if size is None:
-        size = x.new_ones(x.shape[0], x.shape[1], 1)
+        size = torch.ones(x.shape[0], x.shape[1], 1, dtype=_scoring_dtype(x.dtype), device=x.device)
     if merge.src is None:
         return merge(x), merge(size)
-    x = merge(x * size, mode="sum")
-    size = merge(size, mode="sum")
-    return x / size, size
+    c = x.shape[-1]
+    # one pass moves features and sizes together: (B, N, C + 1)
+    weighted = x * size
+    if size.dtype != weighted.dtype:
+        size = size.to(weighted.dtype)
+    merged = merge(torch.cat([weighted, size], dim=-1), mode="sum")
+    total = merged[..., c:]
+    out = merged[..., :c] / total
+    return (out if out.dtype == x.dtype else out.to(x.dtype)), total
 
 
 def merge_source(merge: Merge, x: Tensor, source: Optional[Tensor] = None) -> Tensor:

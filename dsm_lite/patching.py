@@ -22,16 +22,58 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .merging import (Merge, bipartite_soft_matching, merge_source, merge_wavg,
-                      prune_lowest_norm, window_quota_matching, window_soft_matching)
 from .devices import model_device, to_model
+from .merging import (FLOAT_DTYPES, Merge, WindowLayout, bipartite_soft_matching, merge_source,
+                      merge_wavg, prune_lowest_norm, window_layout, window_quota_matching,
+                      window_soft_matching)
 from .schedules import RANDOM_FEATURE_DIM, ModelShape, RSpec, Schedule, plan
 from .windows import square_window_ids, window_ids
+
+
+def _compiling() -> bool:
+    """Whether torch.compile (dynamo) is tracing the current call."""
+    check = getattr(torch.compiler, "is_compiling", None)
+    return bool(check()) if check is not None else False
+
+
+class _Prepared:
+    """What one forward pass of a schedule needs that does not depend on the images.
+
+    Built once per (batch size, device, grid) in eager mode and reused; under torch.compile
+    it is rebuilt inside the traced forward, where it becomes graph constants.
+
+    Attributes:
+        window_table: block index -> (H * W,) window id of every raster position, for
+            local blocks (one lookup replaces the window arithmetic on the anchors).
+        first_layout: the :class:`WindowLayout` of the first merging block when it is local
+            (every token is still its own patch there, so its windows are known).
+        last_anchor_block: the last block whose output anchors anything reads (the last
+            local block), -1 when none; anchors are not tracked beyond it.
+    """
+
+    def __init__(self, schedule: Schedule, batch: int, device: torch.device, num_prefix: int) -> None:
+        h, w = schedule.shape.grid
+        positions = torch.arange(h * w, device=device)
+        self.window_table: Dict[int, Tensor] = {}
+        self.first_layout: Optional[WindowLayout] = None
+        self.last_anchor_block = -1
+        first = next((b.index for b in schedule.blocks if b.r > 0), None)
+        for step in schedule.blocks:
+            if step.mode != "local":
+                continue
+            table = window_ids(positions[None], (h, w), step.window)[0]
+            self.window_table[step.index] = table
+            self.last_anchor_block = step.index
+            if step.index == first:
+                wid = table.expand(batch, -1)
+                self.first_layout = window_layout(wid, step.num_windows, step.window * step.window,
+                                                  num_prefix)
 
 __all__ = ["MergeState", "patch", "unpatch", "is_patched", "schedule", "attention_bias",
            "trace_sources", "SUPPORTED_POOLS"]
 
 SUPPORTED_POOLS = ("token", "avg", "")
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class MergeState:
@@ -55,6 +97,8 @@ class MergeState:
         self._schedules: Dict[Tuple[int, int], Schedule] = {}
         # paper windows: window id per sequence position, per (grid, block, device)
         self._square_ids: Dict[tuple, Tensor] = {}
+        # joint windows: window tables and the first block's layout, per (batch, device, grid)
+        self._prepared_cache: Dict[tuple, _Prepared] = {}
         self.schedule = self.schedule_for(self._shape.grid)
         self.generator: Optional[torch.Generator] = None
         self.grid = self._shape.grid
@@ -65,6 +109,7 @@ class MergeState:
         self.source: Optional[Tensor] = None
         self.anchors: Optional[Tensor] = None
         self.metric: Optional[Tensor] = None
+        self.prepared: Optional[_Prepared] = None
 
     def schedule_for(self, grid: Tuple[int, int]) -> Schedule:
         """The schedule for a patch grid (cached: it depends on the grid, not the image)."""
@@ -76,6 +121,9 @@ class MergeState:
 
     def reset(self, model: nn.Module, images: Tensor) -> None:
         """Start a forward pass on images (B, C, H, W)."""
+        if images.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"token merging runs on {', '.join(map(str, FLOAT_DTYPES))} images and "
+                            f"activations; got images of dtype {images.dtype}")
         self._clear()
         pe = model.patch_embed
         if getattr(model, "dynamic_img_size", False) and hasattr(pe, "dynamic_feat_size"):
@@ -85,10 +133,20 @@ class MergeState:
             grid = tuple(pe.grid_size)
         self.grid = grid
         self.schedule = self.schedule_for(grid)
-        if (self.method in ("spatial", "dsm") and self.schedule.local_blocks
-                and self.options["windows"] == "joint"):
+        b, device = images.shape[0], images.device
+        joint = (self.method in ("spatial", "dsm") and self.schedule.local_blocks
+                 and self.options["windows"] == "joint")
+        self.prepared = None
+        if joint and _compiling():
+            self.prepared = _Prepared(self.schedule, b, device, self.num_prefix)
+        elif joint:
+            key = (b, device, grid)
+            if key not in self._prepared_cache:
+                self._prepared_cache[key] = _Prepared(self.schedule, b, device, self.num_prefix)
+            self.prepared = self._prepared_cache[key]
+        if joint:
             n = grid[0] * grid[1]
-            self.anchors = torch.arange(n, device=images.device).expand(images.shape[0], n)
+            self.anchors = torch.arange(n, device=device).expand(b, n)
         if self.options["feature"] == "random":
             self.generator = torch.Generator().manual_seed(self.seed)
 
@@ -96,8 +154,10 @@ class MergeState:
         """Proportional attention's additive bias log(size), (B, 1, 1, N), or None."""
         if not self.prop_attn or self.size is None:
             return None
-        bias = self.size.log()[:, None, None, :, 0]
-        return bias if dtype is None else bias.to(dtype)
+        b, n, _ = self.size.shape
+        # log of float32 sizes, then cast to the attention's dtype (SDPA wants them equal)
+        bias = self.size.log().view(b, 1, 1, n)
+        return bias if dtype is None or dtype == bias.dtype else bias.to(dtype)
 
     def square_ids(self, index: int, device: torch.device) -> Tensor:
         """(M,) paper window of each patch position entering local block ``index`` (cached)."""
@@ -124,9 +184,12 @@ class MergeState:
                                          step.num_windows, step.window * step.window,
                                          step.quota, step.r, self.num_prefix)
         if step.mode == "local":
-            wid = window_ids(self.anchors, self.grid, step.window)
+            prep = self.prepared
+            # the first merging block's layout is known in advance; later ones follow the anchors
+            layout = prep.first_layout if self.size is None else None
+            wid = prep.window_table[index].take(self.anchors)
             return window_soft_matching(metric, step.r, wid, step.num_windows,
-                                        step.window * step.window, self.num_prefix)
+                                        step.window * step.window, self.num_prefix, layout)
         order = "tome" if self.method == "tome" else "sequence"
         return bipartite_soft_matching(metric, step.r, self.num_prefix, order=order)
 
@@ -158,7 +221,9 @@ def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
     if self._dsm_wants_metric:
         feature = st.options["feature"]
         if feature in ("k", "q", "v"):
-            st.metric = {"k": k, "q": q, "v": v}[feature].mean(dim=1)
+            metric = {"k": k, "q": q, "v": v}[feature]
+            # half precision: average the heads straight into float32 (matching scores there)
+            st.metric = metric.mean(dim=1, dtype=torch.float32) if metric.dtype in _HALF else metric.mean(dim=1)
     out = out.transpose(1, 2).reshape(b, n, attn_dim)
     out = getattr(self, "norm", nn.Identity())(out)
     if gate is not None:
@@ -174,6 +239,9 @@ def _block_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
     if (attn_mask is not None or is_causal) and (merging or st.size is not None):
         raise ValueError("token merging cannot be combined with attn_mask or is_causal")
     self.attn._dsm_wants_metric = merging
+    if merging and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"token merging runs on {', '.join(map(str, FLOAT_DTYPES))} activations; "
+                        f"got {x.dtype}")
     if merging and st.options["feature"] == "x":
         st.metric = x
     x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask,
@@ -183,8 +251,11 @@ def _block_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
         if st.trace_source:
             st.source = merge_source(merge, x, st.source)
         if st.anchors is not None:
-            p = st.num_prefix
-            st.anchors = st.anchors.gather(1, merge.keep[:, p:] - p)
+            if self._dsm_index <= st.prepared.last_anchor_block:
+                p = st.num_prefix
+                st.anchors = st.anchors.gather(1, merge.keep[:, p:] - p)
+            else:  # no local block reads them any more
+                st.anchors = None
         x, st.size = merge_wavg(merge, x, st.size)
         st.metric = None
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -211,7 +282,7 @@ def _forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         # a merged token stands for `size` patches: pool as if they were all still there
         start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
         w = st.size[:, start:]
-        x = (x[:, start:] * w).sum(dim=1) / w.sum(dim=1)
+        x = ((x[:, start:] * w).sum(dim=1) / w.sum(dim=1)).to(x.dtype)
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
     return self._dsm_original.forward_head(self, x, pre_logits=pre_logits)
@@ -252,6 +323,16 @@ def _check_supported(model: nn.Module) -> None:
     if model.global_pool not in SUPPORTED_POOLS or getattr(model, "attn_pool", None) is not None:
         raise TypeError(f"global_pool={model.global_pool!r} is not supported; use one of "
                         f"{SUPPORTED_POOLS}")
+
+
+def _check_r(r: RSpec) -> None:
+    """Reject tensors in r with one clear message (parse_r checks the rest)."""
+    values = r if isinstance(r, (list, tuple)) else [r]
+    if any(isinstance(v, Tensor) for v in values):
+        raise TypeError("r must be a Python int, a list of ints or an (r, inflection) tuple, not a "
+                        "tensor: every block removes a fixed number of tokens, decided before any "
+                        "image is seen (a batch, and a compiled graph, needs the same token counts "
+                        f"for every image), so r cannot depend on the images; got {r!r}")
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -304,6 +385,7 @@ def patch(
     anchors, sizes, source maps) is made on the device of the tokens it works on.
     """
     _check_supported(model)
+    _check_r(r)
     options = dict(r=r, delay=delay, window=window, window_growth=window_growth,
                    local_blocks=local_blocks, feature=feature, reduction=reduction,
                    prop_attn=prop_attn, windows=windows)
