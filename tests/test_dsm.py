@@ -344,8 +344,8 @@ def test_dsm_forward_has_no_loop_over_windows_or_images(windows):
         patch(model, "dsm", r=12, delay=1, window=w, local_blocks=1, windows=windows)
         assert [b.mode for b in schedule(model).blocks] == ["none", "local", "global", "global"]
         layouts.add(schedule(model).blocks[1].num_windows)
-        with torch.no_grad():
-            model(x[:1])  # paper windows: the first call builds the cached window ids
+        with torch.no_grad():  # first calls build the cached window ids / tables, per batch size
+            model(x[:1]), model(x[:4])
         for b in (1, 4):
             counts[w, b] = _ops(lambda: model(x[:b]))
     assert len(layouts) == 2
