@@ -9,7 +9,7 @@
 #   benchmarks/gpu_check.sh                       # on a machine with a GPU
 #   benchmarks/gpu_check.sh --device cpu --quick  # the CPU path: one chapter, a tiny benchmark
 # Options: --device cuda|cpu (default cuda), --out DIR (default benchmarks/results/gpu-check),
-#          --quick (chapter 0 only; ViT-Ti at batch 1 and 8, few runs), --skip-book, --skip-bench,
+#          --quick (chapter 0 only; ViT-Ti at batch 1, r = 8, few runs), --skip-book, --skip-bench,
 #          --jobs N (chapters in N parallel kernels, needs pytest-xdist; cells of a chapter stay in order).
 # Needs DSM_LITE_ASSETS (offline) or internet for the photos and the pretrained ViT-Ti.
 set -uo pipefail
@@ -34,7 +34,7 @@ if [ "$DEVICE" = cuda ]; then
   python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || {
     echo "--device cuda, but torch sees no GPU (torch.cuda.is_available() is False); use --device cpu" >&2; exit 2; }
   AMP=(--amp fp16); BATCHES=(1 32 256); MODELS=(vit_tiny_patch16_224 deit_small_patch16_224 vit_base_patch16_224)
-  RUNS=(--runs 50 --warmup 10)
+  RUNS=(--runs 30 --warmup 5)
 else
   export CUDA_VISIBLE_DEVICES=""   # the notebooks pick their device themselves: make it the CPU
   AMP=(); BATCHES=(1 8 32); MODELS=(vit_tiny_patch16_224 deit_small_patch16_224)
@@ -42,7 +42,7 @@ else
 fi
 NOTEBOOKS=(book/*.ipynb)
 if [ "$QUICK" = 1 ]; then
-  NOTEBOOKS=(book/00_model_and_photos.ipynb); BATCHES=(1 8); MODELS=(vit_tiny_patch16_224); RUNS=(--runs 3 --warmup 1)
+  NOTEBOOKS=(book/00_model_and_photos.ipynb); BATCHES=(1); MODELS=(vit_tiny_patch16_224); RUNS=(--runs 2 --warmup 1 --r 8)
 fi
 
 DEVICE_NAME="$(python -c "
