@@ -10,12 +10,13 @@
 #   benchmarks/gpu_check.sh --device cpu --quick  # the CPU path: one chapter, a tiny benchmark
 # Options: --device cuda|cpu (default cuda), --out DIR (default benchmarks/results/gpu-check),
 #          --quick (chapter 0 only; ViT-Ti at batch 1, r = 8, few runs), --skip-book, --skip-bench,
-#          --jobs N (chapters in N parallel kernels, needs pytest-xdist; cells of a chapter stay in order).
+#          --jobs N (chapters in N parallel kernels, needs pytest-xdist; cells of a chapter stay in order),
+#          --notebooks GLOB (which chapters; default book/*.ipynb).
 # Needs DSM_LITE_ASSETS (offline) or internet for the photos and the pretrained ViT-Ti.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-DEVICE=cuda OUT=benchmarks/results/gpu-check QUICK=0 BOOK=1 BENCH=1 JOBS=()
+DEVICE=cuda OUT=benchmarks/results/gpu-check QUICK=0 BOOK=1 BENCH=1 JOBS=() SELECT="book/*.ipynb"
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
@@ -24,6 +25,7 @@ while [ $# -gt 0 ]; do
     --skip-book) BOOK=0; shift ;;
     --skip-bench) BENCH=0; shift ;;
     --jobs) JOBS=(-n "$2" --dist loadscope); shift 2 ;;
+    --notebooks) SELECT=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -40,7 +42,7 @@ else
   AMP=(); BATCHES=(1 8 32); MODELS=(vit_tiny_patch16_224 deit_small_patch16_224)
   RUNS=(--runs 20 --warmup 3)
 fi
-NOTEBOOKS=(book/*.ipynb)
+NOTEBOOKS=($SELECT)
 if [ "$QUICK" = 1 ]; then
   NOTEBOOKS=(book/00_model_and_photos.ipynb); BATCHES=(1); MODELS=(vit_tiny_patch16_224); RUNS=(--runs 2 --warmup 1 --r 8)
 fi
