@@ -100,7 +100,8 @@ def load_model(name: str = DEFAULT_MODEL, device: Union[str, torch.device, None]
     """A pretrained timm ViT in eval mode on ``device`` (None: :func:`pick_device`).
 
     With ``$DSM_LITE_ASSETS`` set, the weights are ``$DSM_LITE_ASSETS/weights/<name>.safetensors``
-    (sha256-checked) loaded by timm itself; otherwise timm downloads them from the hub.
+    (sha256-checked), loaded into timm's model with ``load_state_dict`` (strict); otherwise timm
+    downloads them from the hub.
     Raises :class:`UnknownModelError`, :class:`NotAViTError`, ``AssetNotFoundError``,
     ``ChecksumError`` or ``OfflineError``, each saying what to set or download, and
     :class:`~dsm_lite.devices.DeviceUnavailableError` (before loading anything) when ``device``
@@ -109,9 +110,16 @@ def load_model(name: str = DEFAULT_MODEL, device: Union[str, torch.device, None]
     device = pick_device(device)
     _check_name(name)
     file = _verified_weights_file(name)
-    overlay = dict(file=file) if file else None
+    if file is not None:
+        # the state dict ourselves, not timm's file loader: some timm 1.0.x releases route a
+        # ViT's local file to the JAX .npz loader and cannot read safetensors
+        from safetensors.torch import load_file
+
+        model = timm.create_model(name, pretrained=False)
+        model.load_state_dict(load_file(file))
+        return model.eval().to(device)
     try:
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
+        model = timm.create_model(name, pretrained=True)
     except Exception as e:  # hub errors come from several libraries; only network ones are remapped
         if not _is_network_error(e):
             raise
