@@ -98,12 +98,15 @@ def interleaved_throughput(
     warmup: int = 5,
     device: Optional[torch.device] = None,
     setups: Optional[Sequence[Callable[[], None]]] = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> List[Throughput]:
     """Throughput of several models measured round-robin, so drift hits all of them alike.
 
     Each round runs every model once on the same random batch (device synchronised around
     each run); ``warmup`` rounds are discarded. ``setups[i]`` (optional) is called before
-    model i runs, e.g. to patch a shared model with different options.
+    model i runs, e.g. to patch a shared model with different options. ``clock`` is wall
+    time by default; ``time.thread_time`` (CPU time of the calling thread) keeps the time
+    other processes hold the core out of the numbers, on a CPU with one intra-op thread.
 
     Devices: the batch is made on ``device``, which defaults to the device of the first
     model that is an ``nn.Module`` (else :func:`dsm_lite.pick_device`). Every ``nn.Module``
@@ -133,11 +136,11 @@ def interleaved_throughput(
             if setups is not None:
                 setups[i]()
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             model(x)
             _sync(device)
             if step >= warmup:
-                times[i].append(time.perf_counter() - t0)
+                times[i].append(clock() - t0)
     return [_summarise(t, batch_size, str(device)) for t in times]
 
 

@@ -34,13 +34,13 @@ def dsm_kw(method):
     return dict(delay=1) if method == "dsm" else {}
 
 
-# every method, and every option across them (feature="random" is the documented exception)
+# every method, and every option across them (feature="random" is the documented exception):
+# features k (default), q, v, x; pruning; no proportional attention; source tracing; ToMe's
+# (r, inflection) schedule
 OPTIONS = [
-    ("tome", dict(r=8)), ("spatial", dict(r=8)), ("dsm", dict(r=8)),
-    ("tome", dict(r=8, reduction="prune")), ("dsm", dict(r=8, reduction="prune")),
-    ("spatial", dict(r=8, feature="q")), ("dsm", dict(r=8, feature="v")),
-    ("tome", dict(r=8, feature="x")), ("dsm", dict(r=8, prop_attn=False)),
-    ("spatial", dict(r=8, trace_source=True)), ("tome", dict(r=(8, 0.5))),
+    ("tome", dict(r=8)), ("tome", dict(r=(8, 0.5), feature="x")),
+    ("spatial", dict(r=8, feature="q", trace_source=True)), ("dsm", dict(r=8)),
+    ("dsm", dict(r=8, reduction="prune")), ("dsm", dict(r=8, feature="v", prop_attn=False)),
 ]
 
 
