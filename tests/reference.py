@@ -47,6 +47,17 @@ def _rows(t: Tensor) -> List[List[List[float]]]:
     return t.detach().double().cpu().tolist()
 
 
+
+def _emit_survivors(xs, sizes, srcs, groups, merged, n, outs) -> None:
+    """Append one image's surviving tokens (in sequence order) to the four output lists."""
+    out_x, out_size, out_src, out_kept = outs
+    kept = [t for t in range(n) if t not in merged]
+    combined = [_combine(xs, sizes, srcs, groups[t]) for t in kept]
+    out_x.append([c[0] for c in combined])
+    out_size.append([c[1] for c in combined])
+    out_src.append([c[2] for c in combined])
+    out_kept.append(kept)
+
 def _combine(xs, sizes, srcs, members: List[int]):
     """Size-weighted average of ``members`` (features, size, union of sources)."""
     total = sum(sizes[i] for i in members)
@@ -208,18 +219,7 @@ def reference_window_merge(
             assert bb is not None and score > -math.inf, "reference: clamp not satisfiable"
             groups[bb].append(a)
             merged.add(a)
-        fx, fs, fsrc = [], [], []
-        for t in range(n):
-            if t in merged:
-                continue
-            feat, total, src = _combine(xs, sizes, srcs, groups[t])
-            fx.append(feat)
-            fs.append(total)
-            fsrc.append(src)
-        out_x.append(fx)
-        out_size.append(fs)
-        out_src.append(fsrc)
-        out_kept.append([t for t in range(n) if t not in merged])
+        _emit_survivors(xs, sizes, srcs, groups, merged, n, (out_x, out_size, out_src, out_kept))
     packed = _pack(out_x, out_size, out_src)
     return packed + (out_kept,) if return_kept else packed
 
@@ -297,18 +297,7 @@ def reference_quota_window_merge(
                 assert bb is not None and score > -math.inf
                 groups[bb].append(a)
                 merged.add(a)
-        fx, fs, fsrc = [], [], []
-        for t in range(n):
-            if t in merged:
-                continue
-            feat, total, src = _combine(xs, sizes, srcs, groups[t])
-            fx.append(feat)
-            fs.append(total)
-            fsrc.append(src)
-        out_x.append(fx)
-        out_size.append(fs)
-        out_src.append(fsrc)
-        out_kept.append([t for t in range(n) if t not in merged])
+        _emit_survivors(xs, sizes, srcs, groups, merged, n, (out_x, out_size, out_src, out_kept))
     packed = _pack(out_x, out_size, out_src)
     return packed + (out_kept,) if return_kept else packed
 
