@@ -24,7 +24,7 @@ from torch import nn
 
 from ._assets import AssetNotFoundError, assets_dir, fetch, fetch_many, manifest
 
-__all__ = ["DATASETS", "ImageSet", "CorruptImageError", "load_images", "load_photo",
+__all__ = ["DATASETS", "ImageSet", "CorruptImageError", "load_images", "load_photos", "load_photo",
            "list_files", "class_names", "data_config"]
 
 DATASETS = ("imagenet-sample", "imagenette-val")
@@ -176,21 +176,40 @@ def load_images(
     """
     files = _files(name)
     rels = _choose(list(files), n, seed, stratified)
-    transform = timm.data.create_transform(**data_config(model), is_training=False)
-    paths = _local_paths(name, rels, base_url)
-
-    def prep(path: Path) -> torch.Tensor:
-        return transform(_open_rgb(path))
-
-    # PIL decodes and resizes with the GIL released, so threads give a real speed-up.
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        images = torch.stack(list(pool.map(prep, paths)))
+    images = _preprocess(_local_paths(name, rels, base_url), model)
     labels = torch.tensor([_label(r) for r in rels], dtype=torch.long)
     out = ImageSet(name, images, labels, rels, class_names())
     if name == "imagenette-val":
         out.classes10 = sorted({_label(r) for r in files})
         out.labels10 = torch.tensor([out.classes10.index(int(l)) for l in labels], dtype=torch.long)
     return out
+
+
+def _preprocess(paths: List[Path], model) -> torch.Tensor:
+    """(N, 3, H, W) float32: the files decoded and run through timm's eval transform."""
+    transform = timm.data.create_transform(**data_config(model), is_training=False)
+
+    def prep(path: Path) -> torch.Tensor:
+        return transform(_open_rgb(path))
+
+    # PIL decodes and resizes with the GIL released, so threads give a real speed-up.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return torch.stack(list(pool.map(prep, paths)))
+
+
+def load_photos(rels: List[str], model: Union[nn.Module, Dict[str, Any], str, None] = None,
+                base_url: Optional[str] = None) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Given photos by relative path (as in :attr:`ImageSet.paths`), preprocessed exactly as
+    :func:`load_images` does: images (N, 3, H, W) float32 and labels (N,) int64, on the CPU."""
+    by_set: Dict[str, List[str]] = {}
+    for r in rels:
+        group = r.split("/")[0]
+        if group not in DATASETS or r not in _files(group):
+            raise ValueError(f"{r!r} is not a photo of {DATASETS}")
+        by_set.setdefault(group, []).append(r)
+    where = {r: p for g, rs in by_set.items() for r, p in zip(rs, _local_paths(g, rs, base_url))}
+    images = _preprocess([where[r] for r in rels], model)
+    return images, torch.tensor([_label(r) for r in rels], dtype=torch.long)
 
 
 def load_photo(

@@ -67,6 +67,8 @@ class EvalResult:
         agree: (N,) bool, same top-1 class as the dense model.
         kl: (N,) float64, KL(dense || model) of the softmax outputs, in nats.
         logits: (N, K) float32 logits (None when not kept).
+        confidence: (N,) float64, the model's softmax probability of its top-1 class (None
+            for results made before it was recorded).
     """
 
     pred: np.ndarray
@@ -76,6 +78,7 @@ class EvalResult:
     agree: np.ndarray
     kl: np.ndarray
     logits: Optional[np.ndarray] = None
+    confidence: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.pred)
@@ -110,6 +113,8 @@ class EvalResult:
     def _arrays(self) -> Dict[str, np.ndarray]:
         out = dict(pred=self.pred, top5=self.top5, correct1=self.correct1, correct5=self.correct5,
                    agree=self.agree, kl=self.kl)
+        if self.confidence is not None:
+            out["confidence"] = self.confidence
         if self.logits is not None:
             out["logits"] = self.logits
         return out
@@ -210,7 +215,7 @@ def per_image_metrics(logits: Tensor, dense: Tensor, labels: Optional[Tensor],
     """
     t = _metric_tensors(logits, dense, labels)
     return EvalResult(*(t[k].numpy() for k in ("pred", "top5", "correct1", "correct5", "agree", "kl")),
-                      t["logits"].numpy() if keep_logits else None)
+                      t["logits"].numpy() if keep_logits else None, t["confidence"].numpy())
 
 
 def _metric_tensors(logits: Tensor, dense: Tensor, labels: Optional[Tensor]) -> Dict[str, Tensor]:
@@ -232,8 +237,9 @@ def _metric_tensors(logits: Tensor, dense: Tensor, labels: Optional[Tensor]) -> 
     lp = torch.log_softmax(logits.double(), dim=1)
     lq = torch.log_softmax(dense.double(), dim=1)
     kl = (lq.exp() * (lq - lp)).sum(dim=1).clamp_min(0.0)
+    confidence = torch.softmax(logits, dim=1).max(dim=1).values.double()
     return dict(pred=pred, top5=top5, correct1=correct1, correct5=correct5,
-                agree=pred == dense_pred, kl=kl, logits=logits)
+                agree=pred == dense_pred, kl=kl, logits=logits, confidence=confidence)
 
 
 def evaluate(model: nn.Module, images, labels: Optional[Tensor] = None,
@@ -414,9 +420,11 @@ METRIC_COLUMNS = ("top1", "top5", "agreement", "kl")
 
 
 def _result_from(arrays: Dict[str, np.ndarray]) -> EvalResult:
+    conf = arrays.get("confidence")
     return EvalResult(arrays["pred"], arrays["top5"], arrays["correct1"].astype(bool),
                       arrays["correct5"].astype(bool), arrays["agree"].astype(bool),
-                      arrays["kl"].astype(np.float64), arrays.get("logits"))
+                      arrays["kl"].astype(np.float64), arrays.get("logits"),
+                      None if conf is None else conf.astype(np.float64))
 
 
 def sweep(
@@ -432,6 +440,7 @@ def sweep(
     seed: int = 0,
     throughput: Union[bool, Dict[str, Any]] = False,
     keep_logits: bool = False,
+    store=None,
 ):
     """Evaluate many merging configs on one photo set; a tidy DataFrame, one row per config.
 
@@ -454,7 +463,12 @@ def sweep(
         throughput: False, True or kwargs of :func:`dsm_lite.interleaved_throughput` (e.g.
             ``dict(batch_size=32, runs=50)``): adds ``throughput`` and ``throughput_std``
             columns (images/s, never cached, machine-dependent).
-        keep_logits: keep the (N, K) logits in each row's ``result``.
+        keep_logits: keep the (N, K) logits in each row's ``result`` (the store has none, so
+            every config is then computed or read from the cache).
+        store: a :class:`dsm_lite.store.ResultStore` (the book passes
+            :func:`dsm_lite.store.book_store`): configs it holds for these photos and weights
+            are read from it, not run; in record mode every result is added to it. Bypassed
+            when ``dense`` is given.
 
     Returns:
         DataFrame with columns ``label, method, r, delay, prop_attn, feature, reduction,
@@ -464,7 +478,7 @@ def sweep(
         ``top1, top5, agreement`` (shares in [0, 1]), ``kl`` (mean KL(dense || merged), nats),
         each with ``<metric>_lo``/``<metric>_hi`` (percentile bootstrap 95% CI over photos),
         ``d_top1, d_top1_lo, d_top1_hi`` (top-1 minus the dense model's, paired bootstrap),
-        ``cached`` (served from the cache), optionally ``throughput, throughput_std``, and
+        ``cached`` (served from the store or the cache), optionally ``throughput, throughput_std``, and
         ``result``: the per-photo :class:`EvalResult` (for :func:`paired_bootstrap`).
     """
     import pandas as pd
@@ -482,12 +496,18 @@ def sweep(
     use_cache = cache_dir is not False
     root = Path(cache_dir) if isinstance(cache_dir, (str, os.PathLike)) else sweep_cache_dir()
     context = _context(model, images, labels, batch_size) if use_cache else {}
+    given_dense = dense is not None
+    skeys = _StoreKeys(store, model, images, labels, given_dense, batch_size)
+
+    def dense_now() -> Tensor:  # the dense logits, computed (or read from the cache) on first use
+        nonlocal dense
+        if dense is None:
+            dense = _cached_dense(model, images, root, context, n, batch_size, progress, use_cache)
+        return dense
 
     _repatch(model, None)  # unpatched while the sweep runs; restored below
     try:
-        if dense is None:  # cached under its own key (no config)
-            dense = _cached_dense(model, images, root, context, n, batch_size, progress, use_cache)
-        ctx = dict(context, dense=_tensor_hash(dense)) if use_cache else {}
+        dense_correct = skeys.dense_correct(n) if labels is not None else None
         rows = []
         configs = list(configs)
         with _progress(len(configs), "sweep", progress) as outer:
@@ -495,8 +515,10 @@ def sweep(
                 cfg = _normalise_config(config)
                 opts = {k: v for k, v in cfg.items() if k not in ("method", "r")}
                 sched = make_schedule(model, cfg["method"], cfg["r"], **opts)
-                result, cached, path, meta = None, False, None, None
-                if use_cache:
+                result = skeys.get(cfg, n, keep_logits)
+                served = cached = result is not None
+                if not served and use_cache:
+                    ctx = dict(context, dense=_tensor_hash(dense_now()))
                     path = root / f"{config_key(config, ctx)}.npz"
                     meta = json.dumps({"config": _jsonable(cfg), **ctx}, sort_keys=True, default=str)
                     arrays = _load_npz(path, meta, n)
@@ -504,7 +526,7 @@ def sweep(
                         result, cached = _result_from(arrays), True
                 if result is None:
                     if not any(sched.r):  # nothing merges: exactly the dense model
-                        logits = dense
+                        logits = dense_now()
                     else:
                         _repatch(model, (cfg["method"], dict(opts, r=cfg["r"]), False, cfg["seed"]))
                         try:
@@ -512,18 +534,88 @@ def sweep(
                                                     desc=_label(config, cfg))
                         finally:
                             _repatch(model, None)
-                    result = per_image_metrics(logits, dense, labels, keep_logits=True)
+                    result = per_image_metrics(logits, dense_now(), labels, keep_logits=True)
                     if use_cache:
                         _save_npz(path, result._arrays(), meta)
                     if not keep_logits:
                         result.logits = None
-                rows.append(_row(config, cfg, sched, result, cached, n_boot, seed, dense, labels))
+                if not served:
+                    skeys.record(cfg, _label(config, cfg), result, dense_now)
+                if labels is not None and dense_correct is None:
+                    dense_correct = (dense_now().argmax(dim=1) == labels).numpy()
+                rows.append(_row(config, cfg, sched, result, cached, n_boot, seed, dense_correct))
                 outer.update(1)
         if throughput:
             _add_throughput(model, configs, rows, throughput)
     finally:
         _repatch(model, saved)
     return pd.DataFrame(rows)
+
+
+class _StoreKeys:
+    """A sweep's view of a :class:`dsm_lite.store.ResultStore`: keys, lookups and records.
+
+    Photos are identified by their relative paths and the preprocessing (data config) when
+    ``images`` is an ``ImageSet``, else by the bytes of the image tensor; with caller-supplied
+    dense logits the store is bypassed (they need not be this model's).
+    """
+
+    def __init__(self, store, model: nn.Module, images, labels: Optional[Tensor], given_dense: bool,
+                 batch_size: int):
+        self.store = None if given_dense else store
+        self.labels, self.batch_size = labels, batch_size
+        self.device = model_device(model).type
+        if self.store is None:
+            return
+        from .data import data_config
+        from .models import weights_fingerprint
+
+        paths = getattr(images, "paths", None)
+        if paths is not None:
+            x = _images_tensor(images)
+            blob = json.dumps(dict(paths=list(paths), shape=list(x.shape), dtype=str(x.dtype),
+                                   transform=data_config(model)), sort_keys=True, default=str)
+            photos = "paths:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+        elif self.store.mode != "read":
+            raise ValueError("recording into a result store needs an ImageSet (its paths let "
+                             "dsm_lite.store.verify reload the photos), not a bare tensor")
+        else:
+            photos = "pixels:" + images_hash(images, labels)
+        labels_hash = "none" if labels is None else _tensor_hash(labels.to(torch.int64))
+        self.paths = None if paths is None else list(paths)
+        self.context = dict(weights=weights_fingerprint(model), labels=labels_hash, photos=photos,
+                            model_class=type(model).__name__.replace("Merging", "", 1),
+                            dtype=str(next(model.parameters()).dtype))
+
+    def _key(self, cfg: Optional[Dict[str, Any]]) -> str:
+        from .store import store_key
+
+        return store_key(_jsonable(cfg) if cfg is not None else {"dense": True}, self.context)
+
+    def get(self, cfg: Dict[str, Any], n: int, keep_logits: bool) -> Optional[EvalResult]:
+        if self.store is None or keep_logits:  # the store keeps no logits
+            return None
+        arrays = self.store.get(self._key(cfg), n)
+        return None if arrays is None else _result_from(arrays)
+
+    def dense_correct(self, n: int) -> Optional[np.ndarray]:
+        arrays = None if self.store is None else self.store.get(self._key(None), n)
+        return None if arrays is None else arrays["correct1"].astype(bool)
+
+    def record(self, cfg: Dict[str, Any], label: str, result: EvalResult, dense_now) -> None:
+        if self.store is None or self.store.mode == "read":
+            return
+        import timm
+
+        meta = dict(config=_jsonable(cfg), context=self.context, label=label, photos=self.paths,
+                    recorded=dict(torch=torch.__version__, timm=timm.__version__, code=code_hash(),
+                                  device=self.device, batch_size=self.batch_size))
+        self.store.put(self._key(cfg), result._arrays(), meta)
+        dense_key = self._key(None)
+        if dense_key not in self.store.entries():  # its top-1 correctness serves d_top1
+            dense = dense_now()
+            dres = per_image_metrics(dense, dense, self.labels)
+            self.store.put(dense_key, dres._arrays(), dict(meta, config={"dense": True}, label="dense"))
 
 
 def _cached_dense(model, images, root, context, n, batch_size, progress, use_cache) -> Tensor:
@@ -546,7 +638,7 @@ def _label(config: Dict[str, Any], cfg: Dict[str, Any]) -> str:
 
 
 def _row(config, cfg, sched, result: EvalResult, cached: bool, n_boot: int, seed: int,
-         dense: Tensor, labels) -> Dict[str, Any]:
+         dense_correct: Optional[np.ndarray]) -> Dict[str, Any]:
     row: Dict[str, Any] = {"label": _label(config, cfg), "method": cfg["method"], "r": cfg["r"]}
     for k, v in cfg.items():
         if k not in ("method", "r"):
@@ -558,8 +650,7 @@ def _row(config, cfg, sched, result: EvalResult, cached: bool, n_boot: int, seed
     for name, field in PER_PHOTO.items():
         ci = bootstrap_ci(getattr(result, field), n_boot, seed)
         row[name], row[f"{name}_lo"], row[f"{name}_hi"] = ci.estimate, ci.lo, ci.hi
-    if labels is not None:
-        dense_correct = (dense.argmax(dim=1) == labels.cpu()).numpy()
+    if dense_correct is not None:
         d = paired_bootstrap(result.correct1, dense_correct, n_boot, seed)
         row["d_top1"], row["d_top1_lo"], row["d_top1_hi"] = d.estimate, d.lo, d.hi
     row["cached"] = cached

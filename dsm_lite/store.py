@@ -1,0 +1,353 @@
+"""Versioned per-photo results: what the book's sweeps measured, kept in the repository.
+
+The book's chapters 3-5 evaluate a few hundred merging configs on hundreds of photos. On a
+2-core CPU in float64 that takes most of an hour, and every run of ``pytest --nbval`` would
+pay it again. Instead, the per-photo outcomes of every config (prediction, top-5, correctness,
+agreement with the dense model, KL, confidence) live in one small file that ships with the
+package, ``dsm_lite/results/book.npz``, and :func:`dsm_lite.evaluation.sweep` reads an entry
+from it instead of running the model, when the entry's key matches exactly:
+
+- the config, every ``patch`` option spelled out (defaults filled in);
+- the model's weights fingerprint and class;
+- the photos: a hash of the preprocessed image tensor and the labels;
+- the dtype the model ran in (the book runs in float64, see :mod:`dsm_lite.numerics`).
+
+The key leaves out what must not change a result: the device, batch size, thread count,
+torch and timm versions and dsm_lite's source. Whether a stored entry still matches what the
+code computes is checked instead: :func:`verify` recomputes a seeded subset of photos for every
+entry and compares (``tests/test_store.py``, run by CI under two CPU instruction sets). When
+that check fails, rebuild the file with::
+
+    python -m dsm_lite.store rebuild
+
+which executes the book's notebooks with every sweep recomputed and recorded (on a GPU it
+takes about a minute; on a 2-core CPU about an hour).
+
+The mode comes from the ``recompute`` argument of :func:`book_store` and ``$DSM_LITE_RESULTS``:
+``read`` (default: serve what matches, compute the rest), ``off`` (compute everything),
+``record:<path>`` (compute everything and write it to ``<path>``) or ``extend:<path>`` (serve
+what ``<path>`` has, compute the rest and add it there: for new configs in a chapter).
+
+File layout (one ``.npz``): ``__meta__`` (JSON: format, what rebuilt it), and per entry key
+``<key>/__meta__`` (JSON: config, context, the photos' relative paths) and ``<key>/<field>``
+for the per-photo arrays of :class:`dsm_lite.evaluation.EvalResult`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = ["FORMAT", "BOOK_STORE", "FIELDS", "ResultStore", "book_store", "store_key",
+           "StoreMismatch", "verify", "rebuild"]
+
+FORMAT = 1
+BOOK_STORE = Path(__file__).resolve().parent / "results" / "book.npz"
+#: per-photo arrays kept for each entry (the fields of ``EvalResult`` less the logits)
+FIELDS = ("pred", "top5", "correct1", "correct5", "agree", "kl", "confidence")
+REBUILD_COMMAND = "python -m dsm_lite.store rebuild"
+_MODES = ("read", "off", "record")
+
+
+def store_key(config: Dict[str, Any], context: Dict[str, Any]) -> str:
+    """Entry key: sha256 (32 hex digits) of the canonical JSON of a normalised config and a
+    context (weights, model class, photos hash, dtype)."""
+    blob = json.dumps({"config": config, "context": context}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+class ResultStore:
+    """Per-photo results keyed by (config, context), in one ``.npz`` file.
+
+    ``mode="read"`` serves entries; ``"record"`` never serves, and :meth:`put` adds each new
+    result to the file at once (atomically, so an interrupted rebuild leaves a valid file);
+    ``"extend"`` serves what it has and records what it lacks (for adding configs to the
+    book without recomputing the rest).
+    """
+
+    def __init__(self, path: os.PathLike | str = BOOK_STORE, mode: str = "read"):
+        if mode not in ("read", "record", "extend"):
+            raise ValueError(f"mode must be 'read', 'record' or 'extend', got {mode!r}")
+        self.path, self.mode = Path(path), mode
+        self._entries: Optional[Dict[str, Dict[str, np.ndarray]]] = None
+
+    def __repr__(self) -> str:
+        return f"ResultStore({str(self.path)!r}, mode={self.mode!r}, entries={len(self)})"
+
+    def __len__(self) -> int:
+        return len(self.entries())
+
+    def entries(self) -> Dict[str, Dict[str, np.ndarray]]:
+        """key -> {"__meta__": dict, field: array}; read once, lazily."""
+        if self._entries is None:
+            self._entries = _read(self.path)
+        return self._entries
+
+    def get(self, key: str, n: int) -> Optional[Dict[str, np.ndarray]]:
+        """The arrays of entry ``key`` if it exists, is complete and holds ``n`` photos."""
+        if self.mode == "record":
+            return None
+        entry = self.entries().get(key)
+        if entry is None or any(f not in entry or len(entry[f]) != n for f in FIELDS):
+            return None
+        return {f: entry[f] for f in FIELDS}
+
+    def meta(self, key: str) -> Dict[str, Any]:
+        return self.entries()[key]["__meta__"]
+
+    def put(self, key: str, arrays: Dict[str, np.ndarray], meta: Dict[str, Any]) -> None:
+        """Add or replace one entry and rewrite the file (record or extend mode)."""
+        if self.mode == "read":
+            raise RuntimeError(f"{self!r} is read-only; rebuild it with `{REBUILD_COMMAND}`")
+        missing = [f for f in FIELDS if f not in arrays]
+        if missing:
+            raise ValueError(f"entry {key} lacks the per-photo fields {missing}")
+        entries = dict(_read(self.path))  # others may have recorded meanwhile (one per chapter)
+        entries[key] = {"__meta__": meta, **{f: np.asarray(arrays[f]) for f in FIELDS}}
+        _write(self.path, entries)
+        self._entries = entries
+
+
+def _read(path: Path) -> Dict[str, Dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    out: Dict[str, Dict[str, Any]] = {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            head = json.loads(str(z["__meta__"]))
+            if head.get("format") == FORMAT:
+                for name in z.files:
+                    if name != "__meta__":
+                        key, field = name.split("/", 1)
+                        value = z[name]
+                        out.setdefault(key, {})[field] = (json.loads(str(value))
+                                                          if field == "__meta__" else value)
+    except (OSError, KeyError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a readable result store ({e}); rebuild it with "
+                         f"`{REBUILD_COMMAND}`") from e
+    if head.get("format") != FORMAT:
+        raise ValueError(f"{path}: store format {head.get('format')}, this dsm_lite reads "
+                         f"{FORMAT}; rebuild it with `{REBUILD_COMMAND}`")
+    return out
+
+
+def _write(path: Path, entries: Dict[str, Dict[str, Any]]) -> None:
+    head = dict(format=FORMAT, rebuild=REBUILD_COMMAND, written=datetime.date.today().isoformat())
+    arrays = {"__meta__": np.array(json.dumps(head, sort_keys=True))}
+    for key in sorted(entries):
+        for field, value in entries[key].items():
+            arrays[f"{key}/{field}"] = (np.array(json.dumps(value, sort_keys=True))
+                                        if field == "__meta__" else value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the store is package data
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def book_store(recompute: bool = False) -> Optional[ResultStore]:
+    """The store the book's sweeps use: the shipped file in read mode, unless ``recompute``
+    (a chapter's ``RECOMPUTE = True``) or ``$DSM_LITE_RESULTS`` says otherwise.
+
+    ``$DSM_LITE_RESULTS``: ``off`` gives None (compute everything); ``record:<path>`` gives a
+    store that records every sweep into ``<path>`` (used by ``python -m dsm_lite.store
+    rebuild``); ``extend:<path>`` serves what ``<path>`` holds and records the rest there.
+    """
+    env = os.environ.get("DSM_LITE_RESULTS", "").strip()
+    for mode in ("record", "extend"):
+        if env.startswith(mode + ":"):
+            return ResultStore(env[len(mode) + 1:], mode=mode)
+    if env not in ("", "read", "off"):
+        raise ValueError(f"$DSM_LITE_RESULTS must be read, off, record:<path> or "
+                         f"extend:<path>, got {env!r}")
+    if recompute or env == "off":
+        return None
+    return ResultStore(BOOK_STORE, mode="read")
+
+
+# --------------------------------------------------------------------------- verification
+@dataclass
+class StoreMismatch:
+    """One stored entry whose recomputed photos differ from what is stored."""
+    key: str
+    label: str
+    photos: List[str]
+    fields: List[str]
+    max_kl_error: float
+
+    def __str__(self) -> str:
+        return (f"{self.label} [{self.key[:8]}]: {', '.join(self.fields)} differ on "
+                f"{len(self.photos)} photo(s), e.g. {self.photos[0]}; max |KL error| "
+                f"{self.max_kl_error:.2e}")
+
+
+def verify(path: os.PathLike | str = BOOK_STORE, n_photos: int = 8, seed: int = 0,
+           kl_tol: float = 1e-6, keys: Optional[Sequence[str]] = None,
+           progress: bool = False) -> Tuple[int, List[StoreMismatch]]:
+    """Recompute ``n_photos`` seeded photos of every entry (or of ``keys``) and compare.
+
+    Predictions, top-5, correctness and agreement must match exactly; KL and confidence within
+    ``kl_tol`` (absolute). Configs with ``feature="random"`` replay their first recorded
+    batch instead, since a photo's random draws depend on its place in the batch. Runs on the
+    CPU with the entry's dtype as the default dtype (as the book runs), each photo loaded from
+    its relative path and preprocessed as :func:`dsm_lite.load_images` does.
+
+    Returns (entries checked, mismatches).
+    """
+    import torch
+
+    store = ResultStore(path, mode="read")
+    entries = store.entries()
+    default_dtype = torch.get_default_dtype()
+    try:
+        return _verify(entries, n_photos, seed, kl_tol, keys, progress)
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
+def _verify(entries, n_photos, seed, kl_tol, keys, progress) -> Tuple[int, List[StoreMismatch]]:
+    import torch
+
+    from .data import load_photos
+    from .evaluation import _repatch, dense_logits, per_image_metrics, predict_logits
+    from .models import load_model, weights_fingerprint
+
+    keys = sorted(entries) if keys is None else list(keys)
+    mismatches: List[StoreMismatch] = []
+    models: Dict[Tuple[str, str], torch.nn.Module] = {}
+    photo_cache: Dict[Tuple[str, ...], Any] = {}
+    for key in keys:
+        meta = entries[key]["__meta__"]
+        ctx, cfg = meta["context"], meta["config"]
+        dtype = getattr(torch, ctx["dtype"].replace("torch.", ""))
+        torch.set_default_dtype(dtype)  # as the book ran: random features are drawn in it
+        if (ctx["weights"], ctx["dtype"]) not in models:
+            m = load_model().to(dtype)
+            if weights_fingerprint(m) != ctx["weights"]:
+                raise ValueError(f"entry {key} was recorded with weights {ctx['weights']}, "
+                                 f"load_model() gives {weights_fingerprint(m)}")
+            models[(ctx["weights"], ctx["dtype"])] = m
+        model = models[(ctx["weights"], ctx["dtype"])]
+        paths = meta["photos"]
+        batch = len(paths)
+        if cfg.get("feature") == "random":
+            # random features are drawn per forward pass, (B, N, D) at a time, so a photo's
+            # draws depend on its place in its batch: replay the recorded first batch
+            batch = meta["recorded"]["batch_size"]
+            idx = np.arange(min(batch, len(paths)))
+        else:
+            rng = np.random.default_rng([seed, int(key[:8], 16)])
+            idx = np.sort(rng.choice(len(paths), size=min(n_photos, len(paths)), replace=False))
+        sub = tuple(paths[i] for i in idx)
+        if sub not in photo_cache:
+            photo_cache[sub] = load_photos(list(sub), model)
+        images, labels = photo_cache[sub]
+        dense = dense_logits(model, images, batch_size=len(sub), progress=False)
+        if cfg.get("dense"):
+            logits = dense
+        else:
+            opts = {k: v for k, v in cfg.items() if k not in ("method", "r")}
+            _repatch(model, (cfg["method"], dict(opts, r=cfg["r"]), False, cfg["seed"]))
+            try:
+                logits = predict_logits(model, images, min(batch, len(sub)), progress=False)
+            finally:
+                _repatch(model, None)
+        got = per_image_metrics(logits, dense, labels)._arrays()
+        bad_fields, bad_photos, kl_err = [], set(), 0.0
+        for f in FIELDS:
+            want, have = entries[key][f][idx], np.asarray(got[f])
+            if f in ("kl", "confidence"):
+                err = np.abs(want - have)
+                kl_err = max(kl_err, float(err.max())) if f == "kl" else kl_err
+                rows = np.flatnonzero(err > kl_tol)
+            else:
+                rows = np.flatnonzero((want != have).reshape(len(idx), -1).any(axis=1))
+            if len(rows):
+                bad_fields.append(f)
+                bad_photos.update(sub[i] for i in rows)
+        if bad_fields:
+            mismatches.append(StoreMismatch(key, str(meta.get("label")),
+                                            sorted(bad_photos), bad_fields, kl_err))
+        if progress:
+            print(f"{'FAIL' if bad_fields else 'ok  '} {meta.get('label')} {cfg.get('method', '')} "
+                  f"r={cfg.get('r', 0)}", file=sys.stderr)
+    return len(keys), mismatches
+
+
+# --------------------------------------------------------------------------- rebuild
+def rebuild(notebooks: Sequence[os.PathLike | str], out: os.PathLike | str = BOOK_STORE,
+            timeout: int = 7200) -> Path:
+    """Execute ``notebooks`` in order with every sweep recomputed and recorded into a fresh
+    store, then move it to ``out``. Outputs of the notebooks are not saved."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    out = Path(out)
+    fd, tmp = tempfile.mkstemp(prefix=".rebuild-", suffix=".npz", dir=out.parent)
+    os.close(fd)
+    os.unlink(tmp)  # the store starts empty; the first put() creates it
+    old = os.environ.get("DSM_LITE_RESULTS")
+    os.environ["DSM_LITE_RESULTS"] = f"record:{tmp}"
+    try:
+        for path in notebooks:
+            path = Path(path)
+            print(f"rebuild: executing {path}", file=sys.stderr, flush=True)
+            nb = nbformat.read(path, as_version=4)
+            NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                           resources={"metadata": {"path": str(path.parent)}}).execute()
+        if not Path(tmp).is_file():
+            raise RuntimeError("no sweep recorded anything: do the notebooks pass store=?")
+        os.replace(tmp, out)
+    finally:
+        if old is None:
+            os.environ.pop("DSM_LITE_RESULTS", None)
+        else:
+            os.environ["DSM_LITE_RESULTS"] = old
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dsm_lite.store", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    rb = sub.add_parser("rebuild", help="re-execute the book's notebooks, recording every sweep")
+    rb.add_argument("notebooks", nargs="*", help="default: book/0[3-5]_*.ipynb")
+    rb.add_argument("--out", default=str(BOOK_STORE))
+    vf = sub.add_parser("verify", help="recompute a seeded subset of photos of every entry")
+    vf.add_argument("--path", default=str(BOOK_STORE))
+    vf.add_argument("--photos", type=int, default=8)
+    vf.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.cmd == "rebuild":
+        nbs = args.notebooks or sorted(str(x) for x in Path("book").glob("0[3-5]_*.ipynb"))
+        print(f"rebuilt {rebuild(nbs, args.out)}")
+        return 0
+    checked, bad = verify(args.path, args.photos, args.seed, progress=True)
+    print(f"{checked} entries checked on {args.photos} photos each "
+          f"({platform.machine()}, torch {__import__('torch').__version__}): {len(bad)} differ")
+    for m in bad:
+        print(f"  {m}")
+    if bad:
+        print(f"rebuild the store with `{REBUILD_COMMAND}`")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,214 @@
+"""dsm_lite.store: the versioned per-photo results the book's sweeps read.
+
+Two kinds of test:
+- the store mechanics on a small random ViT: a stored entry is served without running the
+  model and gives the same rows as computing; keys change with everything that changes a
+  result; recording, modes and bad files give clear errors;
+- the shipped store itself (``dsm_lite/results/book.npz``) against a recomputation of a seeded
+  subset of its photos with the pretrained model. CI runs this file again under another CPU
+  instruction set, so the stored outputs are checked against two kinds of machine.
+"""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dsm_lite import evaluation as ev
+from dsm_lite import store as st
+from dsm_lite.data import ImageSet
+
+from reference import small_vit
+
+N = 10
+CONFIGS = [dict(method="tome", r=0, label="dense"), dict(method="tome", r=3),
+           dict(method="dsm", r=3, delay=1, label="DSM"),
+           dict(method="tome", r=3, feature="random", label="random")]
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return small_vit(seed=3)
+
+
+@pytest.fixture(scope="module")
+def photos():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, 3, 64, 64, generator=g)
+    y = torch.randint(0, 10, (N,), generator=g)
+    return ImageSet("imagenet-sample", x, y, [f"imagenet-sample/fake_{i}.JPEG" for i in range(N)], [])
+
+
+class CountForwards:
+    """Counts forward passes of a model (a hook on its first block)."""
+
+    def __init__(self, model):
+        self.n = 0
+        self.handle = model.blocks[0].register_forward_hook(self._hook)
+
+    def _hook(self, *args):
+        self.n += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _sweep(model, photos, store, configs=CONFIGS, **kw):
+    return ev.sweep(model, photos, configs, cache_dir=False, batch_size=4, progress=False,
+                    n_boot=100, store=store, **kw)
+
+
+def _same_rows(a, b):
+    cols = [c for c in a.columns if c not in ("result", "cached")]
+    assert a[cols].equals(b[cols])
+    for ra, rb in zip(a.result, b.result):
+        for f in st.FIELDS:
+            np.testing.assert_array_equal(getattr(ra, f), getattr(rb, f))
+
+
+def test_recorded_results_are_served_without_running_the_model(vit, photos, tmp_path):
+    path = tmp_path / "store.npz"
+    computed = _sweep(vit, photos, None)
+    recorded = _sweep(vit, photos, st.ResultStore(path, mode="record"))
+    _same_rows(recorded, computed)
+    assert not recorded.cached.any()
+    store = st.ResultStore(path)
+    assert len(store) == len(CONFIGS) + 1  # every config, and the dense model's correctness
+    with CountForwards(vit) as count:
+        served = _sweep(vit, photos, store)
+    assert count.n == 0 and served.cached.all()
+    _same_rows(served, computed)
+    # the d_top1 columns need the dense model's per-photo correctness: stored too
+    assert served.d_top1.tolist() == computed.d_top1.tolist()
+
+
+def test_a_missing_entry_is_computed_and_others_are_served(vit, photos, tmp_path):
+    path = tmp_path / "store.npz"
+    _sweep(vit, photos, st.ResultStore(path, mode="record"), configs=CONFIGS[:2])
+    with CountForwards(vit) as count:
+        df = _sweep(vit, photos, st.ResultStore(path))
+    assert df.cached.tolist() == [True, True, False, False]
+    assert count.n == 2 * -(-N // 4) + -(-N // 4)  # DSM and random configs, plus the dense model
+
+
+def test_extend_serves_what_it_has_and_records_the_rest(vit, photos, tmp_path):
+    path = tmp_path / "store.npz"
+    _sweep(vit, photos, st.ResultStore(path, mode="record"), configs=CONFIGS[:2])
+    before = {k: e["pred"].copy() for k, e in st.ResultStore(path).entries().items()}
+    df = _sweep(vit, photos, st.ResultStore(path, mode="extend"))
+    assert df.cached.tolist() == [True, True, False, False]
+    after = st.ResultStore(path)
+    assert len(after) == len(CONFIGS) + 1 and set(before) < set(after.entries())
+    with CountForwards(vit) as count:
+        _same_rows(_sweep(vit, photos, after), df)
+    assert count.n == 0
+
+
+@pytest.mark.parametrize("change", ["config", "photos", "labels", "weights", "dtype"])
+def test_keys_change_with_everything_that_changes_a_result(vit, photos, tmp_path, change):
+    path = tmp_path / "store.npz"
+    _sweep(vit, photos, st.ResultStore(path, mode="record"), configs=CONFIGS[1:2])
+    model, configs = vit, CONFIGS[1:2]
+    if change == "config":
+        configs = [dict(CONFIGS[1], prop_attn=False)]
+    elif change == "photos":
+        photos = ImageSet(photos.name, photos.images, photos.labels,
+                          photos.paths[::-1], [])
+    elif change == "labels":
+        photos = ImageSet(photos.name, photos.images, (photos.labels + 1) % 10, photos.paths, [])
+    elif change == "weights":
+        model = small_vit(seed=4)
+    else:
+        model = small_vit(seed=3).double()
+    df = _sweep(model, photos, st.ResultStore(path), configs=configs)
+    assert not df.cached.any()
+
+
+def test_what_does_not_change_a_result_is_not_in_the_key(vit, photos, tmp_path):
+    path = tmp_path / "store.npz"
+    _sweep(vit, photos, st.ResultStore(path, mode="record"), configs=CONFIGS[1:2])
+    df = ev.sweep(vit, photos, CONFIGS[1:2], cache_dir=False, batch_size=7, progress=False,
+                  n_boot=100, store=st.ResultStore(path))
+    assert df.cached.all()  # batch size (and device, versions, source) are not part of the key
+
+
+def test_store_bypassed_with_given_dense_logits_or_kept_logits(vit, photos, tmp_path):
+    path = tmp_path / "store.npz"
+    _sweep(vit, photos, st.ResultStore(path, mode="record"), configs=CONFIGS[1:2])
+    other_dense = torch.randn(N, 10)
+    assert not _sweep(vit, photos, st.ResultStore(path), configs=CONFIGS[1:2], dense=other_dense).cached.any()
+    assert not _sweep(vit, photos, st.ResultStore(path), configs=CONFIGS[1:2], keep_logits=True).cached.any()
+
+
+def test_book_store_modes(monkeypatch, tmp_path):
+    monkeypatch.delenv("DSM_LITE_RESULTS", raising=False)
+    s = st.book_store()
+    assert s.path == st.BOOK_STORE and s.mode == "read"
+    assert st.book_store(recompute=True) is None
+    monkeypatch.setenv("DSM_LITE_RESULTS", "off")
+    assert st.book_store() is None
+    monkeypatch.setenv("DSM_LITE_RESULTS", f"record:{tmp_path / 'x.npz'}")
+    s = st.book_store(recompute=True)  # recording wins: a rebuild recomputes anyway
+    assert s.mode == "record" and s.path == tmp_path / "x.npz"
+    monkeypatch.setenv("DSM_LITE_RESULTS", f"extend:{tmp_path / 'y.npz'}")
+    assert st.book_store().mode == "extend"
+    monkeypatch.setenv("DSM_LITE_RESULTS", "sometimes")
+    with pytest.raises(ValueError, match="read, off, record"):
+        st.book_store()
+
+
+def test_bad_input_gives_clear_errors(vit, photos, tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="python -m dsm_lite.store rebuild"):
+        len(st.ResultStore(bad))
+    with pytest.raises(RuntimeError, match="read-only"):
+        st.ResultStore(tmp_path / "s.npz").put("k", {}, {})
+    with pytest.raises(ValueError, match="per-photo fields"):
+        st.ResultStore(tmp_path / "s.npz", mode="record").put("k", {"pred": np.zeros(2)}, {})
+    with pytest.raises(ValueError, match="mode"):
+        st.ResultStore(tmp_path / "s.npz", mode="write")
+    with pytest.raises(ValueError, match="needs an ImageSet"):
+        ev.sweep(vit, photos.images, CONFIGS[1:2], labels=photos.labels, cache_dir=False,
+                 progress=False, store=st.ResultStore(tmp_path / "s.npz", mode="record"))
+    assert not (tmp_path / "s.npz").exists()  # nothing half-written
+    # a store of another format is refused, not misread
+    path = tmp_path / "old.npz"
+    _sweep(vit, photos, st.ResultStore(path, mode="record"), configs=CONFIGS[1:2])
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["__meta__"] = np.array('{"format": 0}')
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match="format 0"):
+        len(st.ResultStore(path))
+
+
+# --------------------------------------------------------------------------- the shipped store
+def test_shipped_store_matches_a_recomputation(with_assets):
+    """Every entry of dsm_lite/results/book.npz, recomputed on 8 seeded photos (random-feature
+    entries: their first recorded batch) with the pretrained model, in float64."""
+    checked, bad = st.verify(st.BOOK_STORE, n_photos=8, seed=0)
+    assert checked == len(st.ResultStore()) > 0
+    assert not bad, ("the stored per-photo results no longer match what the code computes:\n"
+                     + "\n".join(map(str, bad)) + f"\nrebuild them with `{st.REBUILD_COMMAND}`")
+
+
+def test_verify_catches_a_tampered_entry(with_assets, tmp_path):
+    path = tmp_path / "book.npz"
+    shutil.copy(st.BOOK_STORE, path)
+    store = st.ResultStore(path, mode="record")
+    key = next(k for k, e in store.entries().items()
+               if e["__meta__"]["config"].get("method") == "dsm"
+               and e["__meta__"]["config"].get("feature") == "k")
+    entry = store.entries()[key]
+    kl = entry["kl"].copy()
+    kl += 1e-3  # every photo's KL off by 1e-3: far above float noise, far below a printed digit
+    store.put(key, dict({f: entry[f] for f in st.FIELDS}, kl=kl), entry["__meta__"])
+    checked, bad = st.verify(path, n_photos=4, keys=[key])
+    assert checked == 1 and len(bad) == 1 and bad[0].fields == ["kl"]
+    assert 9e-4 < bad[0].max_kl_error < 1.1e-3
