@@ -24,7 +24,7 @@ from torch import nn
 
 from ._assets import AssetNotFoundError, assets_dir, fetch, fetch_many, manifest
 
-__all__ = ["DATASETS", "ImageSet", "CorruptImageError", "load_images", "load_photos", "load_photo",
+__all__ = ["DATASETS", "ImageSet", "CorruptImageError", "load_images", "load_photos", "load_photo", "ilsvrc_val_files",
            "list_files", "class_names", "data_config"]
 
 DATASETS = ("imagenet-sample", "imagenette-val")
@@ -165,24 +165,39 @@ def load_images(
     seed: int = 0,
     stratified: bool = True,
     base_url: Optional[str] = None,
+    files: Optional[List[str]] = None,
 ) -> ImageSet:
     """Load and preprocess ``n`` photos of ``name`` (all when None) for ``model``.
 
     Preprocessing is timm's eval transform for the model's data config (for the default
     ViT-Ti: resize 248 bicubic, centre crop 224, mean = std = 0.5). The subset is seeded
-    and, when ``stratified``, class-balanced. ``base_url`` (or ``$DSM_LITE_DATA_URL``)
-    replaces the public sources by a mirror laid out like the assets folder. The tensors are
-    on the CPU, whatever device ``model`` is on.
+    and, when ``stratified``, class-balanced; ``files`` (relative paths of the set, e.g. from
+    :func:`ilsvrc_val_files`) picks exactly those photos instead, in the set's order.
+    ``base_url`` (or ``$DSM_LITE_DATA_URL``) replaces the public sources by a mirror laid out
+    like the assets folder. The tensors are on the CPU, whatever device ``model`` is on.
     """
-    files = _files(name)
-    rels = _choose(list(files), n, seed, stratified)
+    files_all = _files(name)
+    if files is not None:
+        unknown = sorted(set(files) - set(files_all))
+        if unknown:
+            raise ValueError(f"{len(unknown)} file(s) are not photos of {name!r}, e.g. {unknown[0]!r}")
+        wanted = set(files)
+        rels = [r for r in files_all if r in wanted]
+    else:
+        rels = _choose(list(files_all), n, seed, stratified)
     images = _preprocess(_local_paths(name, rels, base_url), model)
     labels = torch.tensor([_label(r) for r in rels], dtype=torch.long)
     out = ImageSet(name, images, labels, rels, class_names())
     if name == "imagenette-val":
-        out.classes10 = sorted({_label(r) for r in files})
+        out.classes10 = sorted({_label(r) for r in files_all})
         out.labels10 = torch.tensor([out.classes10.index(int(l)) for l in labels], dtype=torch.long)
     return out
+
+
+def ilsvrc_val_files() -> List[str]:
+    """The photos of imagenette-val that are ILSVRC2012 *validation* images (their file names
+    say so: ``ILSVRC2012_val_*``): the only photos here that the model never trained on."""
+    return [r for r in _files("imagenette-val") if Path(r).name.startswith("ILSVRC2012_val_")]
 
 
 def _preprocess(paths: List[Path], model) -> torch.Tensor:

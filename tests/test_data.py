@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dsm_lite._assets import ChecksumError, DownloadError, fetch, manifest
-from dsm_lite.data import CorruptImageError, _choose, class_names, load_images, load_photo
+from dsm_lite.data import (CorruptImageError, _choose, class_names, ilsvrc_val_files, load_images, load_photo,
+                           load_photos)
 
 APOSTROPHE = "imagenet-sample/n03590841_jack-o'-lantern.JPEG"
 GREY = "imagenet-sample/n02096051_Airedale.JPEG"
@@ -48,6 +49,29 @@ def test_stratified_subset_deterministic_and_balanced(with_assets: Path) -> None
     s1, s2 = load_images("imagenet-sample", n=8, seed=5), load_images("imagenet-sample", n=8, seed=5)
     assert s1.paths == s2.paths and torch.equal(s1.images, s2.images)
     assert len(set(s1.labels.tolist())) == 8
+
+
+def test_ilsvrc_val_files_and_chosen_files(with_assets: Path) -> None:
+    val = ilsvrc_val_files()
+    everything = list(manifest("imagenette-val"))
+    # independent: every file whose name says it is an ILSVRC2012 validation image, by a regex
+    import re
+    expected = [r for r in everything if re.fullmatch(r"imagenette-val/n\d{8}/ILSVRC2012_val_\d{8}\.JPEG", r)]
+    assert val == expected and len(val) == 134
+    pick = [val[5], val[0], val[77]]
+    s = load_images("imagenette-val", files=pick)
+    assert s.paths == [val[0], val[5], val[77]]  # the set's order, whatever order they were asked in
+    assert s.labels10 is not None and torch.equal(s.labels, torch.tensor(s.classes10)[s.labels10])
+    # the same photos, preprocessed the same way, as load_photos and the seeded subsets give them
+    images, labels = load_photos(s.paths)
+    assert torch.equal(images, s.images) and torch.equal(labels, s.labels)
+    sub = load_images("imagenette-val", n=30, seed=2)
+    again = load_images("imagenette-val", files=sub.paths)
+    assert torch.equal(again.images, sub.images) and again.paths == sub.paths
+    with pytest.raises(ValueError, match="not photos of 'imagenet-sample'"):
+        load_images("imagenet-sample", files=pick)
+    with pytest.raises(ValueError, match="is not a photo of"):
+        load_photos(["imagenette-val/n01440764/nothing.JPEG"])
 
 
 def test_n_too_large(with_assets: Path) -> None:

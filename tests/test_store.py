@@ -212,3 +212,40 @@ def test_verify_catches_a_tampered_entry(with_assets, tmp_path):
     checked, bad = st.verify(path, n_photos=4, keys=[key])
     assert checked == 1 and len(bad) == 1 and bad[0].fields == ["kl"]
     assert 9e-4 < bad[0].max_kl_error < 1.1e-3
+
+
+def test_rebuild_executes_notebooks_and_records_every_sweep(tmp_path, monkeypatch):
+    import os
+
+    import nbformat
+
+    monkeypatch.delenv("DSM_LITE_RESULTS", raising=False)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = f"""
+import sys, torch
+sys.path.insert(0, {tests!r})
+from reference import small_vit
+from dsm_lite import evaluation as ev
+from dsm_lite.data import ImageSet
+from dsm_lite.store import book_store
+g = torch.Generator().manual_seed(1)
+x, y = torch.randn(6, 3, 64, 64, generator=g), torch.randint(0, 10, (6,), generator=g)
+photos = ImageSet("imagenet-sample", x, y, [f"imagenet-sample/fake_{{i}}.JPEG" for i in range(6)], [])
+df = ev.sweep(small_vit(seed=3), photos, {CONFIGS[:3]!r}, cache_dir=False, batch_size=4, progress=False,
+              n_boot=10, store=book_store())
+assert not df.cached.any()
+"""
+    path = tmp_path / "chapter.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)]), path)
+    out = tmp_path / "store.npz"
+    out.write_bytes(b"an old store, replaced only when the rebuild succeeds")
+    st.rebuild([path], out=out)
+    assert len(st.ResultStore(out)) == 3 + 1
+    assert "DSM_LITE_RESULTS" not in os.environ  # the recording mode ends with the rebuild
+    assert not list(tmp_path.glob(".rebuild-*"))
+    # a notebook that fails leaves the old store in place, and no temporary file behind
+    before = out.read_bytes()
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("raise RuntimeError('boom')")]), path)
+    with pytest.raises(Exception, match="boom"):
+        st.rebuild([path], out=out)
+    assert out.read_bytes() == before and not list(tmp_path.glob(".rebuild-*"))
