@@ -495,14 +495,20 @@ def sweep(
     saved = _patch_state(model)
     use_cache = cache_dir is not False
     root = Path(cache_dir) if isinstance(cache_dir, (str, os.PathLike)) else sweep_cache_dir()
-    context = _context(model, images, labels, batch_size) if use_cache else {}
+    context: Optional[Dict[str, Any]] = None  # the cache's key context: hashes every image
     given_dense = dense is not None
     skeys = _StoreKeys(store, model, images, labels, given_dense, batch_size)
+
+    def context_now() -> Dict[str, Any]:  # built on first use: nothing to hash when the store serves all
+        nonlocal context
+        if context is None:
+            context = _context(model, images, labels, batch_size) if use_cache else {}
+        return context
 
     def dense_now() -> Tensor:  # the dense logits, computed (or read from the cache) on first use
         nonlocal dense
         if dense is None:
-            dense = _cached_dense(model, images, root, context, n, batch_size, progress, use_cache)
+            dense = _cached_dense(model, images, root, context_now(), n, batch_size, progress, use_cache)
         return dense
 
     _repatch(model, None)  # unpatched while the sweep runs; restored below
@@ -518,7 +524,7 @@ def sweep(
                 result = skeys.get(cfg, n, keep_logits)
                 served = cached = result is not None
                 if not served and use_cache:
-                    ctx = dict(context, dense=_tensor_hash(dense_now()))
+                    ctx = dict(context_now(), dense=_tensor_hash(dense_now()))
                     path = root / f"{config_key(config, ctx)}.npz"
                     meta = json.dumps({"config": _jsonable(cfg), **ctx}, sort_keys=True, default=str)
                     arrays = _load_npz(path, meta, n)
