@@ -76,7 +76,7 @@ def main(argv=None) -> None:
             acc[name] += clock() - t
             if keep and len(calls) < 64:
                 state = a[0] if isinstance(a[0], patching.MergeState) else None
-                snapshot = None if state is None else (state.metric, state.size, state.anchors)
+                snapshot = None if state is None else (state.size, state.anchors)
                 calls.append((name, fn, a, k, state, snapshot))
             return out
         return wrapper
@@ -117,8 +117,8 @@ def main(argv=None) -> None:
             ts = []
             with torch.no_grad():
                 for i in range(55):
-                    if state is not None:  # the state the call saw (metric, sizes, anchors)
-                        state.metric, state.size, state.anchors = snapshot
+                    if state is not None:  # the state the call saw (sizes, anchors)
+                        state.size, state.anchors = snapshot
                     t = clock()
                     fn(*a, **k)
                     if i >= 5:

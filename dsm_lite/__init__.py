@@ -1,21 +1,54 @@
-"""dsm_lite: token merging (ToMe, spatial merging, DSM) for timm Vision Transformers."""
+"""dsm_lite: token merging (ToMe, spatial merging, DSM) for timm Vision Transformers.
 
+The engine is imported here; ``dsm_lite.__all__`` lists it. The book's analysis lives in
+namespaced modules, loaded on first use: :mod:`dsm_lite.evaluation` (models on photos),
+:mod:`dsm_lite.sweeps` (many configs, cached), :mod:`dsm_lite.store` (stored per-photo
+results), :mod:`dsm_lite.stats` (intervals, tests, verdicts), :mod:`dsm_lite.compare` (methods at
+equal GMACs), :mod:`dsm_lite.claims` (the paper's claims, judged), :mod:`dsm_lite.probes`
+(hooks and token statistics), :mod:`dsm_lite.grid` (the patch grid), :mod:`dsm_lite.plots`
+and :mod:`dsm_lite.matching_steps` (figures).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .devices import DeviceMismatchError, DeviceUnavailableError
 from .merging import (Merge, bipartite_soft_matching, merge_source, merge_wavg, window_quota_matching,
                       window_soft_matching)
+from .schedules import BlockPlan, Schedule, default_delay, parse_r
 from .patching import attention_bias, is_patched, patch, schedule, trace_sources, unpatch
 from .measure import Throughput, count_macs, interleaved_throughput, measure_throughput, time_breakdown
-from .devices import DeviceMismatchError, DeviceUnavailableError
-from .schedules import BlockPlan, Schedule, default_delay, parse_r
+from .models import DEFAULT_MODEL, load_model, pick_device, predict, topk_accuracy, weights_fingerprint
+from .data import ImageSet, load_images, load_photo
 from .numerics import book_numerics
 
 __version__ = "0.1.0"
 
-from .models import DEFAULT_MODEL, load_model, pick_device, predict, topk_accuracy, weights_fingerprint
-from .data import ImageSet, load_images, load_photo
+__all__ = [
+    # patching a model
+    "patch", "unpatch", "is_patched", "schedule", "Schedule", "BlockPlan", "default_delay", "parse_r",
+    "trace_sources", "attention_bias",
+    # the merging primitives (pure functions on tensors)
+    "Merge", "bipartite_soft_matching", "window_soft_matching", "window_quota_matching",
+    "merge_wavg", "merge_source",
+    # cost and speed
+    "count_macs", "measure_throughput", "interleaved_throughput", "time_breakdown", "Throughput",
+    # models and photos
+    "DEFAULT_MODEL", "load_model", "pick_device", "predict", "topk_accuracy", "weights_fingerprint",
+    "ImageSet", "load_images", "load_photo", "book_numerics",
+    # errors
+    "DeviceMismatchError", "DeviceUnavailableError",
+]
 
-from . import plots, probes
-from .probes import AttentionProbe, ProbeResult, measure_sim, run_probe, token_similarity, transition_block
+_SUBMODULES = ("claims", "compare", "data", "devices", "evaluation", "grid", "matching_steps", "measure",
+               "merging", "models", "numerics", "patching", "plots", "probes", "schedules", "stats",
+               "store", "sweeps", "windows")
 
-from . import devices, evaluation, matching_steps, stats
-from .evaluation import (BootstrapCI, EvalResult, bootstrap_ci, evaluate, paired_bootstrap, plot_tradeoff,
-                         plot_tradeoffs, sweep, wilson_ci)
+
+def __getattr__(name: str) -> Any:
+    """``dsm_lite.<module>`` imports an analysis module on first use (they pull in pandas and
+    matplotlib, which patching a model does not need)."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'dsm_lite' has no attribute {name!r}")

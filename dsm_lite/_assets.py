@@ -30,6 +30,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional
 
+from tqdm import tqdm
+
 __all__ = [
     "AssetNotFoundError", "ChecksumError", "DownloadError", "OfflineError",
     "DownloadsFailedError", "assets_dir", "cache_dir", "manifest", "sha256_file", "fetch", "fetch_many",
@@ -423,8 +425,6 @@ def fetch_many(
     if not todo:
         return out
     _remove_stale_parts(sorted({out[rel].parent for rel in todo}))
-
-    from tqdm import tqdm
 
     stop = threading.Event()
     lock = threading.Lock()

@@ -1,6 +1,6 @@
-"""Methods compared at equal compute: the analysis of :func:`dsm_lite.evaluation.sweep` tables.
+"""Methods compared at equal compute: the analysis of :func:`dsm_lite.sweeps.sweep` tables.
 
-A *sweep table* is the DataFrame of :func:`~dsm_lite.evaluation.sweep`: one row per config with
+A *sweep table* is the DataFrame of :func:`~dsm_lite.sweeps.sweep`: one row per config with
 ``label``, ``r``, ``gmacs`` and ``result`` (the per-photo :class:`~dsm_lite.evaluation.EvalResult`).
 *Sweeps* map a photo-set name to its table, all run with the same configs; the photo sets are
 pooled (concatenated, in the mapping's order) wherever per-photo values are compared. A

@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from ._assets import AssetNotFoundError, assets_dir, fetch, fetch_many, manifest
+from .models import DEFAULT_MODEL
 
 __all__ = ["DATASETS", "ImageSet", "CorruptImageError", "load_images", "load_photos", "load_photo", "ilsvrc_val_files",
            "list_files", "class_names", "data_config"]
@@ -94,7 +95,6 @@ def data_config(model: Union[nn.Module, Dict[str, Any], str, None] = None) -> Di
         return model
     if isinstance(model, nn.Module):
         return timm.data.resolve_model_data_config(model)
-    from .models import DEFAULT_MODEL
     cfg = timm.models.get_pretrained_cfg(model or DEFAULT_MODEL)
     return timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict())
 

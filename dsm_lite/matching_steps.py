@@ -17,10 +17,14 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
+from matplotlib import colors as mcolors
+from matplotlib.collections import LineCollection
 from torch import Tensor, nn
 
 from .devices import model_device, to_model
 from .merging import Merge, bipartite_soft_matching, max_reduction
+from .patching import attention_qkv
+from .plots import denormalize, merge_overlay
 
 __all__ = ["block_metric", "MatchingSteps", "matching_steps", "one_step_groups", "plot_matching"]
 
@@ -43,11 +47,7 @@ def block_metric(model: nn.Module, images: Tensor, block: int = 0, feature: str 
     box = {}
 
     def hook(module, args):
-        x = args[0]
-        b, n, _ = x.shape
-        qkv = module.qkv(x).reshape(b, n, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = module.q_norm(q), module.k_norm(k)
+        q, k, v = attention_qkv(module, args[0])
         box["metric"] = {"k": k, "q": q, "v": v}[feature].mean(dim=1)
         raise _Stop
 
@@ -183,11 +183,6 @@ def plot_matching(ax, image, steps: MatchingSteps, grid: Tuple[int, int], patch_
             edges in red over the others in grey; ``"merged"`` the merged pairs as groups.
     Returns the mappable of the edge colours for ``"edges"`` (for a colorbar), else None.
     """
-    from matplotlib import colors as mcolors
-    from matplotlib.collections import LineCollection
-
-    from .plots import denormalize, merge_overlay
-
     img = denormalize(image) if np.shape(image)[0] == 3 else np.asarray(image)
     p = steps.num_protected
     h, w = grid

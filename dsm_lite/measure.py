@@ -11,6 +11,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 
 import torch
 from torch import nn
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+from torchprofile import profile_macs
 
 from .devices import DeviceMismatchError, check_available, check_same_device, model_device, same_device
 
@@ -31,8 +34,6 @@ def count_macs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224
     The traced input, one (1, *input_size) image of zeros, is made on the model's device in
     its dtype, so the count runs wherever the model is.
     """
-    from torchprofile import profile_macs
-
     param = next(model.parameters())
     x = torch.zeros(1, *input_size, device=model_device(model), dtype=param.dtype)
     was_training = model.training
@@ -176,11 +177,9 @@ def category(op: str) -> str:
     return next((c for c, ops in CATEGORIES.items() if op in ops), OTHER)
 
 
-def profiler_activities(device: Union[str, torch.device]) -> List["torch.profiler.ProfilerActivity"]:
+def profiler_activities(device: Union[str, torch.device]) -> List[ProfilerActivity]:
     """What ``torch.profiler`` must record for a forward pass on ``device``: the CPU always
     (the ops and their launches), plus CUDA (the kernels) on a CUDA device."""
-    from torch.profiler import ProfilerActivity
-
     acts = [ProfilerActivity.CPU]
     if torch.device(device).type == "cuda":
         acts.append(ProfilerActivity.CUDA)
@@ -201,8 +200,6 @@ def split_self_time(events: Iterable, on_device: bool) -> Dict[str, float]:
     Returns:
         ``{category: share}``, shares summing to 1 (all 0 when nothing was timed).
     """
-    from torch.autograd import DeviceType
-
     totals: Dict[str, float] = defaultdict(float)
     for ev in events:
         if on_device:
@@ -235,8 +232,6 @@ def time_breakdown(model: nn.Module, x: torch.Tensor) -> Dict[str, float]:
     Raises:
         DeviceMismatchError: ``x`` is not on the model's device.
     """
-    from torch.profiler import profile
-
     device = check_same_device(model, x, what="x", where="time_breakdown")
     with torch.no_grad():
         model(x)

@@ -35,6 +35,7 @@ __all__ = [
     "bipartite_soft_matching",
     "window_layout",
     "window_soft_matching",
+    "window_ranks",
     "window_quota_matching",
     "prune_lowest_norm",
     "merge_wavg",
@@ -335,25 +336,51 @@ def window_soft_matching(
     if r <= 0:
         return Merge(None, None, torch.arange(n, device=metric.device).expand(b, n))
     with torch.no_grad(), _full_precision(metric):
+        # 1. where each token goes: its window, and inside it side A or B by rank parity
         if layout is None:
             layout = window_layout(window_ids, num_windows, window_capacity, p)
         half = layout.half
+        # 2. stack the windows: (B * W, side, half, C) unit features, zeros in padding slots
         feats = _normalize(_upcast(metric[:, p:]))
         stack = feats.new_zeros(b * num_windows * 2 * half, c)
         stack.index_copy_(0, layout.slot, feats.reshape(-1, c))
         stack = stack.view(b * num_windows, 2, half, c)
+        # 3. cosine similarity of every A token to every B token of its own window
         scores = stack[:, 0] @ stack[:, 1].transpose(-1, -2)  # (B*W, half, half)
-        # an empty B slot is never a destination; an empty A slot never proposes (its row
-        # would be all -inf; setting its best score to -inf is the same for every proposal
-        # that can be chosen, since the clamp on r leaves at least r finite proposals)
+        # 4. padding takes no part: an empty B slot is never a destination; an empty A slot
+        # never proposes (its row would be all -inf; setting its best score to -inf is the
+        # same for every proposal that can be chosen, since the clamp on r leaves at least r
+        # finite proposals)
         scores.masked_fill_(layout.empty[:, 1, None, :], -math.inf)
+        # 5. each A token proposes its most similar B token
         node_max, node_idx = scores.max(dim=-1)  # (B*W, half)
         node_max.masked_fill_(layout.empty[:, 0], -math.inf)
+        # 6. the r best proposals over all windows of an image merge
         edge = node_max.view(b, num_windows * half).argsort(dim=-1, descending=True, stable=True)[:, :r]
+        # 7. back from slots to sequence indices; survivors stay in sequence order
         src = layout.owner[:, 0].reshape(b, -1).gather(1, edge)
         dst = layout.owner[:, 1].gather(1, node_idx).view(b, -1).gather(1, edge)
         keep = _keep_sorted(n, src)
     return Merge(src, dst, keep)
+
+
+def window_ranks(window_ids: Tensor, num_windows: int, num_protected: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+    """Each token's rank inside its window and its side, and the tokens per window.
+
+    Args:
+        window_ids: (..., M) window of each patch token (prefix excluded), in sequence order.
+        num_windows: W.
+        num_protected: P, prefix tokens before the patch tokens: sides alternate with the
+            token's place in the whole sequence, as ToMe's A/B split does.
+
+    Returns:
+        ``rank`` (..., M): 0 for a window's first token in sequence order, 1 for its second...;
+        ``is_b`` (..., M) bool: the token is on side B, ``(rank + P) % 2 == 1``;
+        ``counts`` (..., W): tokens in each window.
+    """
+    onehot = torch.nn.functional.one_hot(window_ids, num_windows)  # (..., M, W)
+    rank = (onehot.cumsum(dim=-2) * onehot).sum(-1) - 1
+    return rank, (rank + num_protected) % 2 == 1, onehot.sum(-2)
 
 
 def window_quota_matching(
@@ -411,9 +438,7 @@ def window_quota_matching(
         raise ValueError(f"window_ids must have shape ({m},), got {tuple(window_ids.shape)}")
     with torch.no_grad():
         # 2. rank inside the window, A/B side, and the real tokens per window
-        onehot = torch.nn.functional.one_hot(window_ids, num_windows)  # (M, W)
-        rank = (onehot.cumsum(dim=0) * onehot).sum(-1) - 1  # (M,)
-        counts = onehot.sum(0)  # (W,)
+        rank, is_b, counts = window_ranks(window_ids, num_windows, p)
         caps = counts // 2
         if isinstance(quota, int):
             quotas = caps.clamp(max=quota)
@@ -424,7 +449,6 @@ def window_quota_matching(
         if r <= 0:
             return Merge(None, None, torch.arange(n, device=device).expand(b, n))
         # 1. + 3. stack windows: slot = (window * 2 + side) * half + rank // 2
-        is_b = (rank + p) % 2 == 1
         half = (window_capacity + 1) // 2
         slot = (window_ids * 2 + is_b.long()) * half + rank // 2
         stack = metric.new_zeros(b, num_windows * 2 * half, c)

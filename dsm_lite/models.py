@@ -1,12 +1,15 @@
-"""Pretrained timm Vision Transformers, loaded offline or from the hub, and a weights fingerprint."""
+"""Pretrained timm Vision Transformers: loaded offline or from the hub, fingerprinted, and run on photos."""
 from __future__ import annotations
 
 import hashlib
+import sys
 from typing import Optional, Sequence, Union
 
 import timm
 import torch
+from safetensors.torch import load_file
 from torch import nn
+from tqdm import tqdm
 
 from ._assets import AssetNotFoundError, ChecksumError, OfflineError, assets_dir, assets_sums, manifest, sha256_file
 from .devices import DeviceUnavailableError, check_available, model_device, to_model
@@ -14,7 +17,8 @@ from .numerics import widen
 
 __all__ = [
     "DEFAULT_MODEL", "UnknownModelError", "NotAViTError", "DeviceUnavailableError",
-    "pick_device", "load_model", "weights_fingerprint", "predict", "topk_accuracy",
+    "pick_device", "load_model", "weights_fingerprint", "predict", "topk_accuracy", "image_tensor",
+    "progress_bar",
 ]
 
 DEFAULT_MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
@@ -113,8 +117,6 @@ def load_model(name: str = DEFAULT_MODEL, device: Union[str, torch.device, None]
     if file is not None:
         # the state dict ourselves, not timm's file loader: some timm 1.0.x releases route a
         # ViT's local file to the JAX .npz loader and cannot read safetensors
-        from safetensors.torch import load_file
-
         model = timm.create_model(name, pretrained=False)
         model.load_state_dict(load_file(file))
         return model.eval().to(device)
@@ -153,13 +155,42 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
+def image_tensor(images) -> torch.Tensor:
+    """The (N, 3, H, W) tensor of an ``ImageSet`` (its ``images``) or of a bare tensor."""
+    return images.images if hasattr(images, "images") else images
+
+
+def progress_bar(total: int, desc: str, progress: bool) -> tqdm:
+    """A tqdm bar over ``total`` images on stderr, silent unless ``progress``."""
+    return tqdm(total=total, desc=desc, disable=not progress, leave=False, file=sys.stderr, unit="img")
+
+
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
-    """Logits (N, num_classes) float32 on the CPU for preprocessed ``images`` (N, 3, H, W), in
-    batches; ``images`` may be on any device: each batch is moved to the model's device."""
+def predict(model: nn.Module, images, batch_size: int = 100, progress: bool = False,
+            desc: str = "forward") -> torch.Tensor:
+    """Logits (N, num_classes) float32 on the CPU of ``model`` (as currently patched, if at all).
+
+    Args:
+        model: a timm ViT; it runs in eval mode and is left in the mode it was found in.
+        images: (N, 3, H, W) preprocessed images or an ``ImageSet``, on any device: each batch
+            is moved to the model's device.
+        batch_size: photos per forward pass.
+        progress, desc: a tqdm bar on stderr, and its title.
+    """
+    x = image_tensor(images)
     device = model_device(model)
-    return torch.cat([widen(model(to_model(model, images[i:i + batch_size], device))).cpu()
-                      for i in range(0, len(images), batch_size)])
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with progress_bar(len(x), desc, progress) as bar:
+            for i in range(0, len(x), batch_size):
+                batch = to_model(model, x[i:i + batch_size], device)
+                out.append(widen(model(batch)).cpu())
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict:

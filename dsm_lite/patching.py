@@ -20,6 +20,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from .devices import model_device, to_model
@@ -69,7 +71,7 @@ class _Prepared:
                 self.first_layout = window_layout(wid, step.num_windows, step.window * step.window,
                                                   num_prefix)
 
-__all__ = ["MergeState", "patch", "unpatch", "is_patched", "schedule", "attention_bias",
+__all__ = ["MergeState", "patch", "unpatch", "is_patched", "patch_settings", "schedule", "attention_bias", "attention_qkv",
            "trace_sources", "SUPPORTED_POOLS"]
 
 SUPPORTED_POOLS = ("token", "avg", "")
@@ -81,8 +83,7 @@ class MergeState:
 
     Attributes set per forward: ``size`` (B, N, 1) tokens per token, ``source`` (B, N, N0)
     which input tokens each token holds (when tracing), ``anchors`` (B, N - P) raster index
-    of one original patch per token (spatial methods with joint windows), ``metric`` the
-    current block's similarity feature (B, N, C').
+    of one original patch per token (spatial methods with joint windows).
     """
 
     def __init__(self, model: nn.Module, method: str, options: dict,
@@ -108,7 +109,6 @@ class MergeState:
         self.size: Optional[Tensor] = None
         self.source: Optional[Tensor] = None
         self.anchors: Optional[Tensor] = None
-        self.metric: Optional[Tensor] = None
         self.prepared: Optional[_Prepared] = None
 
     def schedule_for(self, grid: Tuple[int, int]) -> Schedule:
@@ -168,10 +168,13 @@ class MergeState:
                                                       step.window, device=device)
         return self._square_ids[key]
 
-    def match(self, index: int, x: Tensor) -> Merge:
-        """The merge of block ``index`` for tokens x (B, N, C), from the stored metric."""
+    def match(self, index: int, x: Tensor, metric: Optional[Tensor]) -> Merge:
+        """The merge of block ``index`` for tokens x (B, N, C) by their similarity feature
+        ``metric`` (B, N, C'); None for random features, drawn here.
+
+        Only called where the schedule merges (r > 0): never in the delay, the first D blocks.
+        """
         step = self.schedule.blocks[index]
-        metric = self.metric
         if self.options["feature"] == "random":
             # drawn on the CPU generator (the same draws on every device), then moved to the
             # tokens' device
@@ -179,32 +182,63 @@ class MergeState:
             metric = torch.randn(shape, generator=self.generator).to(x.device, x.dtype)
         if self.options["reduction"] == "prune":
             return prune_lowest_norm(metric, step.r, self.num_prefix)
-        if step.mode == "local" and self.options["windows"] == "paper":
-            return window_quota_matching(metric, self.square_ids(index, x.device),
+        if step.mode == "local":
+            return self.merge_in_windows(index, metric)
+        return self.merge_globally(metric, step.r)
+
+    def merge_in_windows(self, index: int, metric: Tensor) -> Merge:
+        """The local phase (spatial merging, DSM): matching only inside each window."""
+        step = self.schedule.blocks[index]
+        if self.options["windows"] == "paper":
+            # the paper's reading: tokens laid on a square in sequence order, a quota per window
+            return window_quota_matching(metric, self.square_ids(index, metric.device),
                                          step.num_windows, step.window * step.window,
                                          step.quota, step.r, self.num_prefix)
-        if step.mode == "local":
-            prep = self.prepared
-            # the first merging block's layout is known in advance; later ones follow the anchors
-            layout = prep.first_layout if self.size is None else None
-            wid = prep.window_table[index].take(self.anchors)
-            return window_soft_matching(metric, step.r, wid, step.num_windows,
-                                        step.window * step.window, self.num_prefix, layout)
+        # joint windows: of the original patch grid, through each token's anchor patch; the
+        # first merging block's layout is known in advance, later ones follow the anchors
+        prep = self.prepared
+        layout = prep.first_layout if self.size is None else None
+        wid = prep.window_table[index].take(self.anchors)
+        return window_soft_matching(metric, step.r, wid, step.num_windows,
+                                    step.window * step.window, self.num_prefix, layout)
+
+    def merge_globally(self, metric: Tensor, r: int) -> Merge:
+        """The global phase: ToMe's bipartite matching over the whole sequence (ToMe itself
+        alternates A/B after its own reordering; spatial methods keep sequence order)."""
         order = "tome" if self.method == "tome" else "sequence"
-        return bipartite_soft_matching(metric, step.r, self.num_prefix, order=order)
+        return bipartite_soft_matching(metric, r, self.num_prefix, order=order)
 
 
 # --------------------------------------------------------------------------- forwards
+def attention_qkv(attn: nn.Module, x: Tensor, fire_hooks: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+    """Queries, keys and values of a timm ``Attention`` for its input x (B, N, C).
+
+    Returns q, k, v, each (B, H, N, head_dim), with the module's ``q_norm``/``k_norm``
+    applied. ``fire_hooks=False`` projects with ``F.linear`` on the ``qkv`` weights, so that
+    no hook on ``attn.qkv`` fires (the probes' recomputation).
+    """
+    b, n, _ = x.shape
+    heads = attn.num_heads
+    head_dim = getattr(attn, "head_dim", None) or attn.qkv.out_features // (3 * heads)
+    qkv = attn.qkv(x) if fire_hooks else F.linear(x, attn.qkv.weight, attn.qkv.bias)
+    q, k, v = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    return (q if q_norm is None else q_norm(q)), (k if k_norm is None else k_norm(k)), v
+
+
 def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
-                       is_causal: bool = False) -> Tensor:
-    """timm ``Attention.forward`` plus the size bias, and the similarity feature stashed."""
+                       is_causal: bool = False):
+    """timm ``Attention.forward`` plus proportional attention's size bias.
+
+    Returns the output (B, N, C); in a block that merges, ``(output, metric)`` with the
+    similarity feature (B, N, head_dim), the heads' mean of ``q``, ``k`` or ``v`` (None for
+    the other features), as ToMe's attention does.
+    """
     st: MergeState = self._dsm_state
     b, n, _ = x.shape
     attn_dim = getattr(self, "attn_dim", self.num_heads * self.head_dim)
     gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = self.q_norm(q), self.k_norm(k)
+    q, k, v = attention_qkv(self, x)
     bias = st.attn_bias(q.dtype)
     if attn_mask is not None:
         bias = attn_mask if bias is None else attn_mask + bias
@@ -218,36 +252,43 @@ def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
             attn = attn + bias
         attn = self.attn_drop(attn.softmax(dim=-1))
         out = attn @ v
-    if self._dsm_wants_metric:
-        feature = st.options["feature"]
-        if feature in ("k", "q", "v"):
-            metric = {"k": k, "q": q, "v": v}[feature]
-            # half precision: average the heads straight into float32 (matching scores there)
-            st.metric = metric.mean(dim=1, dtype=torch.float32) if metric.dtype in _HALF else metric.mean(dim=1)
     out = out.transpose(1, 2).reshape(b, n, attn_dim)
     out = getattr(self, "norm", nn.Identity())(out)
     if gate is not None:
         out = out * gate
-    return self.proj_drop(self.proj(out))
+    out = self.proj_drop(self.proj(out))
+    if not self._dsm_wants_metric:
+        return out
+    # a merging block: return the similarity feature with the output, as ToMe does
+    feature = st.options["feature"]
+    metric = None
+    if feature in ("k", "q", "v"):
+        metric = {"k": k, "q": q, "v": v}[feature]
+        # half precision: average the heads straight into float32 (matching scores there)
+        metric = metric.mean(dim=1, dtype=torch.float32) if metric.dtype in _HALF else metric.mean(dim=1)
+    return out, metric
 
 
 def _block_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
                    is_causal: bool = False) -> Tensor:
     st: MergeState = self._dsm_state
     step = st.schedule.blocks[self._dsm_index]
-    merging = step.r > 0
+    merging = step.r > 0  # False in the delay (the first D blocks) and wherever r is 0
     if (attn_mask is not None or is_causal) and (merging or st.size is not None):
         raise ValueError("token merging cannot be combined with attn_mask or is_causal")
     self.attn._dsm_wants_metric = merging
     if merging and x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"token merging runs on {', '.join(map(str, FLOAT_DTYPES))} activations; "
                         f"got {x.dtype}")
-    if merging and st.options["feature"] == "x":
-        st.metric = x
-    x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask,
-                                              is_causal=is_causal)))
+    attn_out = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+    metric = None
+    if merging:  # the attention returned (output, its q/k/v feature) for this block
+        attn_out, metric = attn_out
+        if st.options["feature"] == "x":
+            metric = x  # the block input, before attention
+    x = x + self.drop_path1(self.ls1(attn_out))
     if merging:
-        merge = st.match(self._dsm_index, x)
+        merge = st.match(self._dsm_index, x, metric)
         if st.trace_source:
             st.source = merge_source(merge, x, st.source)
         if st.anchors is not None:
@@ -257,7 +298,6 @@ def _block_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
             else:  # no local block reads them any more
                 st.anchors = None
         x, st.size = merge_wavg(merge, x, st.size)
-        st.metric = None
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -309,9 +349,6 @@ def _patched_class(cls: type, kind: str) -> type:
 
 # --------------------------------------------------------------------------- public API
 def _check_supported(model: nn.Module) -> None:
-    from timm.layers import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
-
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"dsm_lite.patch supports timm VisionTransformer models (vit_*, deit_*); "
                         f"got {type(model).__name__}")
@@ -401,6 +438,15 @@ def patch(
         block.__class__ = _patched_class(block.__class__, "block")
         block.attn.__class__ = _patched_class(block.attn.__class__, "attn")
     return model
+
+
+def patch_settings(model: nn.Module) -> Optional[dict]:
+    """The keywords of the :func:`patch` call that made ``model``'s current patch (so that
+    ``patch(model, **patch_settings(model))`` re-creates it), or None when unpatched."""
+    if not is_patched(model):
+        return None
+    st: MergeState = model._dsm_state
+    return dict(st.options, method=st.method, trace_source=st.trace_source, seed=st.seed)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

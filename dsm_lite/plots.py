@@ -1,4 +1,4 @@
-"""Plotting helpers for the dsm_lite book (matplotlib, plain functions).
+"""Figures for the dsm_lite book (matplotlib, plain functions): figures only, no analysis.
 
 Every function draws on a given ``ax`` (or creates a figure), labels its axes
 and returns the axes / figure; none calls ``plt.show()``. Inputs are plain
@@ -7,10 +7,13 @@ can be drawn as bands.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.patches import Patch, Rectangle
 
 from .stats import percentile_band
 
@@ -29,6 +32,9 @@ __all__ = [
     "show_grid_maps",
     "merge_overlay",
     "show_merges",
+    "METRIC_LABELS",
+    "plot_tradeoff",
+    "plot_tradeoffs",
 ]
 
 
@@ -80,10 +86,11 @@ def plot_sim_per_block(ax, sim_in_ci: Tuple, sim_mid_ci: Tuple, transition: Opti
                        title: Optional[str] = None):
     """Paper Figures 2/8: Sim of the tokens entering attention (X^l) and leaving
     it (X̄^l = X^l + MHA(X^l)) per block. Each ``*_ci`` is (mean, lo, hi) over
-    photos, e.g. from :func:`dsm_lite.probes.bootstrap_ci`."""
-    plot_mean_ci(ax, *sim_in_ci, label=r"entering attention, Sim($X^l$)")
+    photos, e.g. a :class:`dsm_lite.stats.BootstrapCI`."""
+    mean_in, lo_in, hi_in = sim_in_ci
+    plot_mean_ci(ax, mean_in, lo_in, hi_in, label=r"entering attention, Sim($X^l$)")
     plot_mean_ci(ax, *sim_mid_ci, label=r"leaving attention, Sim($\bar X^l$)", marker="s")
-    n = len(to_numpy(sim_in_ci[0]))
+    n = len(to_numpy(mean_in))
     _block_axis(ax, n)
     ax.set_ylabel("Sim (mean pairwise cosine similarity)")
     if transition is not None:
@@ -107,8 +114,6 @@ def plot_delta_sim(ax, delta_ci: Tuple, transition: Optional[int] = None, title:
     ax.set_ylabel(r"$\Delta$Sim = Sim($\bar X^l$) $-$ Sim($X^l$)")
     if transition is not None:
         ax.axvline(transition - 0.5, color="k", ls="--", lw=1)
-    from matplotlib.patches import Patch
-
     ax.legend(handles=[Patch(color="tab:red", label="divergent (< 0)"),
                        Patch(color="tab:blue", label="convergent (> 0)")], fontsize=8)
     if title:
@@ -178,8 +183,6 @@ def show_patch_marks(images, masks, grid_size: Tuple[int, int], titles: Optional
                      figsize_per=2.6):
     """Photos with chosen patches outlined. ``masks``: (n, P) bool over patch
     tokens (row-major on ``grid_size``). Returns the figure."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
 
     n = len(images)
     nrows = int(np.ceil(n / ncols))
@@ -206,8 +209,6 @@ def show_grid_maps(maps, grid_size: Tuple[int, int], titles: Sequence[str], row_
     """Grid of patch-grid heatmaps. ``maps``: (rows, cols, P) over patch
     tokens; optional ``images`` (rows, 3, H, W) drawn in a first column.
     One shared colour scale (log10 if ``log``). Returns the figure."""
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm, Normalize
 
     m = to_numpy(maps)
     rows, cols = m.shape[:2]
@@ -273,7 +274,6 @@ def show_merges(images, groups, patch_size: int, titles: Sequence[str], row_labe
     ``windows[row]`` (patches, or None) draws that row's window borders in red, e.g. the
     windows of the first local block of spatial merging or DSM.
     """
-    import matplotlib.pyplot as plt
 
     rows, cols = len(groups), len(groups[0])
     fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False)
@@ -296,3 +296,112 @@ def show_merges(images, groups, patch_size: int, titles: Sequence[str], row_labe
                 ax.set_ylabel(row_labels[i], fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- plots
+#: axis labels (with units) for sweep columns
+METRIC_LABELS = {
+    "gmacs": "GMACs per image",
+    "throughput": "throughput (images/s, machine-dependent)",
+    "tokens_out": "tokens leaving the last block",
+    "r": "r (tokens merged per block)",
+    "top1": "top-1 accuracy (%)",
+    "top5": "top-5 accuracy (%)",
+    "agreement": "top-1 agreement with dense model (%)",
+    "kl": "mean KL(dense ‖ merged) (nats)",
+    "d_top1": "top-1 change vs dense (percentage points)",
+}
+_PERCENT = {"top1", "top5", "agreement", "d_top1"}
+
+
+def plot_tradeoff(ax, df, x: str = "gmacs", y: str = "agreement", by: Union[str, Sequence[str]] = "label",
+                  band: bool = True, annotate_r: bool = False, markers: Sequence[str] = "os^vDP",
+                  colors: Optional[Dict[Any, str]] = None, legend: bool = True, **kw):
+    """One curve of ``y`` versus ``x`` per group of ``by`` (the paper's Figure 4).
+
+    Args:
+        ax: matplotlib axes.
+        df: a :func:`dsm_lite.sweeps.sweep` DataFrame (or concatenation of several).
+        x: ``"gmacs"``, ``"throughput"``, ``"tokens_out"`` or ``"r"``.
+        y: ``"top1"``, ``"top5"``, ``"agreement"``, ``"kl"`` or ``"d_top1"``; shares are drawn
+            in percent.
+        by: column(s) whose values make one curve each (default ``label``).
+        band: shade ``<y>_lo``..``<y>_hi`` (bootstrap 95% CI over photos) when present.
+        annotate_r: write each point's r beside it.
+    Returns the axes.
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    scale = 100.0 if y in _PERCENT else 1.0
+    for i, (key, g) in enumerate(df.groupby(by, sort=False)):
+        g = g.sort_values(x)
+        name = ", ".join(map(str, key)) if isinstance(key, tuple) else str(key)
+        style = dict(marker=markers[i % len(markers)], label=str(name))
+        if colors and name in colors:
+            style["color"] = colors[name]
+        style.update(kw)
+        line, = ax.plot(g[x], g[y] * scale, **style)
+        if band and f"{y}_lo" in g and f"{y}_hi" in g:
+            ax.fill_between(g[x], g[f"{y}_lo"] * scale, g[f"{y}_hi"] * scale,
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+        if annotate_r:
+            for xv, yv, r in zip(g[x], g[y] * scale, g["r"]):
+                ax.annotate(f"r={r}", (xv, yv), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7, color=line.get_color())
+    ax.set_xlabel(METRIC_LABELS.get(x, x))
+    ax.set_ylabel(METRIC_LABELS.get(y, y))
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+    return ax
+
+
+def plot_tradeoffs(df, ys: Sequence[str] = ("top1", "agreement", "kl"), x: str = "gmacs",
+                   by: Union[str, Sequence[str]] = "label", title: Optional[str] = None,
+                   size: Tuple[float, float] = (4.2, 3.4), **kw):
+    """A row of :func:`plot_tradeoff` panels, one per metric in ``ys``; returns the figure."""
+    fig, axes = plt.subplots(1, len(ys), figsize=(size[0] * len(ys), size[1]), squeeze=False)
+    for j, (ax, y) in enumerate(zip(axes[0], ys)):
+        plot_tradeoff(ax, df, x=x, y=y, by=by, legend=(j == 0), **kw)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- the package
+def draw_import_graph(ax, graph: Dict[str, Any], layers: Dict[str, int],
+                      groups: Optional[Dict[str, str]] = None, colors: Optional[Dict[str, str]] = None):
+    """A layered drawing of a package's modules: one column per layer (a module sits one layer
+    right of the deepest module it imports), one arrow per import, boxes coloured by group.
+
+    Args:
+        graph: ``{module: modules it imports}``.
+        layers: ``{module: layer}`` (``dsm_lite._package.layers``).
+        groups: ``{module: group name}`` for the colours and the legend (default: one group).
+        colors: ``{group name: colour}``.
+    Returns the axes.
+    """
+    groups = groups or {m: "module" for m in graph}
+    names = sorted(set(groups.values()))
+    colors = colors or {g: f"C{i}" for i, g in enumerate(names)}
+    cols: Dict[int, list] = {}
+    for m in sorted(graph, key=lambda m: (layers[m], groups[m], m)):
+        cols.setdefault(layers[m], []).append(m)
+    pos = {m: (layer, -i + (len(ms) - 1) / 2) for layer, ms in cols.items() for i, m in enumerate(ms)}
+    for m, deps in graph.items():
+        for d in deps:
+            ax.annotate("", xy=pos[d], xytext=pos[m], zorder=1,
+                        arrowprops=dict(arrowstyle="->", color="0.6", lw=0.8, shrinkA=22, shrinkB=22))
+    for m, (x, y) in pos.items():
+        ax.text(x, y, m, ha="center", va="center", fontsize=9, zorder=2,
+                bbox=dict(boxstyle="round,pad=0.3", fc=colors[groups[m]], ec="0.3", alpha=0.9))
+    ax.set_xlim(-0.6, max(layers.values()) + 0.6)
+    ax.set_ylim(min(y for _, y in pos.values()) - 0.8, max(y for _, y in pos.values()) + 0.8)
+    ax.set_xticks(range(max(layers.values()) + 1))
+    ax.set_xlabel("layer: 1 + the deepest layer a module imports (arrows point to what it imports)")
+    ax.set_yticks([])
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    ax.legend(handles=[Patch(color=colors[g], label=g) for g in names], fontsize=9, loc="upper center",
+              bbox_to_anchor=(0.5, -0.12), ncol=len(names), frameon=False)
+    return ax

@@ -26,9 +26,9 @@ norms_in   L2 norm of every input token                     (B, N_l)
 
 The attention probabilities are *recomputed* from the attention module's own
 input with its own ``qkv``, ``q_norm``, ``k_norm`` and ``scale`` (timm uses
-fused SDPA, which never materialises them). If :mod:`dsm_lite.patching`
-exposes ``attention_bias(attn_module)`` (the additive proportional-attention
-bias of a token-merging patch), it is added to the logits so that the
+fused SDPA, which never materialises them). On a model patched by
+:func:`dsm_lite.patch`, the proportional-attention bias of token merging
+(:func:`dsm_lite.patching.attention_bias`) is added to the logits, so that the
 probabilities are those the patched model actually uses.
 
 On top of the probe, pure tensor functions compute the paper's quantities:
@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import stats
 from .devices import DeviceMismatchError, check_available, check_same_device, model_device, same_device, to_model
 from .numerics import widen
+from .patching import attention_bias, attention_qkv
 
 __all__ = [
     "CAPTURABLE",
@@ -70,13 +70,10 @@ __all__ = [
     "outlier_report",
     "emergence_block",
     "transition_block",
-    "bootstrap_ci",
-    "percentile_band",
-    "patch_coords",
     "masked_mean",
     "topk_overlap",
     "patch_contrast",
-    "rank_percentile", "group_contiguity",
+    "rank_percentile",
 ]
 
 CAPTURABLE = ("x_in", "attn_out", "x_mid", "x_out", "attn", "received", "norms", "norms_in")
@@ -87,18 +84,6 @@ Reducer = Union[Callable[[str, int, torch.Tensor], Any], Mapping[str, Callable[[
 # ---------------------------------------------------------------------------
 # attention probabilities
 # ---------------------------------------------------------------------------
-
-def _patch_bias(attn_module) -> Optional[torch.Tensor]:
-    """The additive bias a dsm_lite token-merging patch applies (or None)."""
-    try:
-        from . import patching  # noqa: WPS433 (optional, written by the merging engine)
-    except Exception:  # pragma: no cover - module absent or broken
-        return None
-    fn = getattr(patching, "attention_bias", None)
-    if fn is None:
-        return None
-    return fn(attn_module)
-
 
 def _resolve_mask(attn_mask: Optional[torch.Tensor], logits: torch.Tensor, is_causal: bool) -> Optional[torch.Tensor]:
     n = logits.shape[-1]
@@ -136,19 +121,8 @@ def attention_probs(
             input, so a mismatch is a bug upstream: nothing is moved).
     """
     check_same_device(attn_module.qkv.weight.device, x, what="x", where="attention_probs")
-    B, N, _ = x.shape
-    H = attn_module.num_heads
-    hd = getattr(attn_module, "head_dim", None) or attn_module.qkv.out_features // (3 * H)
-    qkv = F.linear(x, attn_module.qkv.weight, attn_module.qkv.bias)
-    qkv = qkv.reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)
-    q, k, _ = qkv.unbind(0)
-    q_norm = getattr(attn_module, "q_norm", None)
-    k_norm = getattr(attn_module, "k_norm", None)
-    if q_norm is not None:
-        q = q_norm(q)
-    if k_norm is not None:
-        k = k_norm(k)
-    scale = getattr(attn_module, "scale", hd ** -0.5)
+    q, k, _ = attention_qkv(attn_module, x, fire_hooks=False)
+    scale = getattr(attn_module, "scale", q.shape[-1] ** -0.5)
     logits = (widen(q) * scale) @ widen(k).transpose(-2, -1)
     mask = _resolve_mask(attn_mask, logits, is_causal)
     if mask is not None:
@@ -192,30 +166,23 @@ class ProbeResult:
 class AttentionProbe:
     """Context manager that records block internals of a timm ViT via hooks.
 
-    Parameters
-    ----------
-    model:
-        a timm ``VisionTransformer`` (anything with ``.blocks`` of pre-norm
-        blocks having ``norm1``, ``attn``, ``ls1``), patched by dsm_lite or not.
-    what:
-        names to record, a subset of :data:`CAPTURABLE`. Only what is asked for
-        is kept; ``attn`` (B x H x N^2 per block) is the expensive one, ask for
-        ``received`` if the per-token mean is enough.
-    blocks:
-        block indices to probe (default: all).
-    reduce:
-        optional on-the-fly reduction, applied to each recorded tensor before it
-        is kept: either a callable ``reduce(name, block, tensor) -> value`` or a
-        mapping ``{name: fn(tensor) -> value}`` (names not in the mapping are
-        kept as they are). Return tensors with the batch as dim 0 so that
-        :func:`run_probe` can concatenate batches.
-    extra:
-        optional mapping ``{name: fn(record) -> value}`` computed per block from
-        the raw records of that block (a dict of the names in ``what``) after the
-        block has run; the raw tensors are then dropped unless listed in ``keep``.
-        Example: ``extra={"sim_in": lambda r: token_similarity(r["x_in"])}``.
-    keep:
-        names to keep raw when ``extra`` is used (default: all of ``what``).
+    Args:
+        model: a timm ``VisionTransformer`` (anything with ``.blocks`` of pre-norm blocks
+            having ``norm1``, ``attn``, ``ls1``), patched by dsm_lite or not.
+        what: names to record, a subset of :data:`CAPTURABLE`. Only what is asked for is
+            kept; ``attn`` (B x H x N^2 per block) is the expensive one, ask for
+            ``received`` if the per-token mean is enough.
+        blocks: block indices to probe (default: all).
+        reduce: optional on-the-fly reduction, applied to each recorded tensor before it is
+            kept: either a callable ``reduce(name, block, tensor) -> value`` or a mapping
+            ``{name: fn(tensor) -> value}`` (names not in the mapping are kept as they
+            are). Return tensors with the batch as dim 0 so that :func:`run_probe` can
+            concatenate batches.
+        extra: optional mapping ``{name: fn(record) -> value}`` computed per block from the
+            raw records of that block (a dict of the names in ``what``) after the block has
+            run; the raw tensors are then dropped unless listed in ``keep``. Example:
+            ``extra={"sim_in": lambda r: token_similarity(r["x_in"])}``.
+        keep: names to keep raw when ``extra`` is used (default: all of ``what``).
 
     Usage::
 
@@ -291,7 +258,7 @@ class AttentionProbe:
             is_causal = bool(kwargs.get("is_causal", False))
             with torch.no_grad():
                 p = attention_probs(module, x.detach(), attn_mask=attn_mask, is_causal=is_causal,
-                                    bias=_patch_bias(module))
+                                    bias=attention_bias(module))
                 if "attn" in self.what:
                     self._put(block, "attn", p)
                 if "received" in self.what:
@@ -606,13 +573,6 @@ def emergence_block(frac_images: torch.Tensor, min_frac: float = 0.5) -> Optiona
     return None
 
 
-def patch_coords(index: Union[int, torch.Tensor], grid_size: Tuple[int, int]) -> Tuple[Any, Any]:
-    """(row, col) on the patch grid of a patch-token index (prefix tokens already
-    removed), row-major as timm's patch embedding lays them out."""
-    w = grid_size[1]
-    return index // w, index % w
-
-
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` (B, P) over the entries where ``mask`` (B, P) is True,
     per row: (B,); NaN for a row with an empty mask. E.g. the attention received
@@ -686,85 +646,3 @@ def transition_block(delta_sim: torch.Tensor, min_later: float = 0.75) -> Option
         if pos[l] and sum(pos[l:]) >= min_later * (L - l):
             return l
     return None
-
-
-# ---------------------------------------------------------------------------
-# spread over photos
-# ---------------------------------------------------------------------------
-
-def bootstrap_ci(values: torch.Tensor, n_boot: int = 2000, level: float = 0.95, seed: int = 0,
-                 dim: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Percentile-bootstrap confidence interval of the mean over ``dim`` (photos), on torch's
-    resampling stream (:func:`dsm_lite.stats.bootstrap_ci` of a float64 tensor).
-
-    Args:
-        values: (N, ...) per-photo values, photos along ``dim``.
-
-    Returns:
-        (mean, low, high), each with ``dim`` removed, float64 on the device of ``values``.
-    """
-    ci = stats.bootstrap_ci(torch.as_tensor(values, dtype=torch.float64), n_boot, seed, level, dim=dim)
-    return ci.estimate, ci.lo, ci.hi
-
-
-def percentile_band(values: torch.Tensor, low: float = 10, high: float = 90,
-                    dim: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(median, low percentile, high percentile) over ``dim`` (photos), float64 on the device of
-    ``values`` (:func:`dsm_lite.stats.percentile_band` of a tensor)."""
-    return stats.percentile_band(torch.as_tensor(values, dtype=torch.float64), low, high, dim)
-
-
-def group_contiguity(groups: Tensor) -> Tuple[Tensor, Tensor]:
-    """How contiguous the merged groups of each photo are on the patch grid.
-
-    Args:
-        groups: (B, h, w) integer group index per patch (``dsm_lite.trace_sources``); patches
-            sharing an index were merged into one token. Indices must lie in ``[0, h * w)``.
-
-    Returns:
-        ``(connected, spread)``, each (B,) float64 on the CPU (``groups`` may be on any
-        device), over the photo's *merged* groups (groups of two or more patches; NaN for a
-        photo with none):
-
-        - ``connected``: share of merged groups that are 4-connected (every patch reachable
-          from every other through edge-sharing patches of the same group);
-        - ``spread``: mean over merged groups of bounding-box area / group size (1 for a
-          filled rectangle, larger for scattered groups).
-    """
-    if groups.dim() != 3:
-        raise ValueError(f"groups must be (B, h, w), got shape {tuple(groups.shape)}")
-    groups = groups.long().cpu()
-    b, h, w = groups.shape
-    n = h * w
-    g = groups.reshape(b, n)
-    if g.numel() and (g.min() < 0 or g.max() >= n):
-        raise ValueError(f"group indices must lie in [0, {n})")
-    # flood fill inside groups: every patch ends with the smallest patch index it can reach
-    lab = torch.arange(n).repeat(b, 1).view(b, h, w)
-    steps = [((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
-             ((slice(None), slice(None, -1)), (slice(None), slice(1, None))),
-             ((slice(None), slice(None), slice(1, None)), (slice(None), slice(None), slice(None, -1))),
-             ((slice(None), slice(None), slice(None, -1)), (slice(None), slice(None), slice(1, None)))]
-    while True:
-        new = lab.clone()
-        for to, frm in steps:
-            same = groups[to] == groups[frm]
-            new[to] = torch.where(same, torch.minimum(new[to], lab[frm]), new[to])
-        if torch.equal(new, lab):
-            break
-        lab = new
-    lab = lab.reshape(b, n)
-
-    def per_group(v: Tensor, how: str) -> Tensor:
-        return torch.zeros(b, n, dtype=v.dtype).scatter_reduce(1, g, v, how, include_self=False)
-
-    size = per_group(torch.ones_like(g), "sum")
-    merged = size > 1
-    connected = per_group(lab, "amin") == per_group(lab, "amax")
-    y, x = (torch.arange(n) // w).expand(b, n), (torch.arange(n) % w).expand(b, n)
-    box = ((per_group(y, "amax") - per_group(y, "amin") + 1)
-           * (per_group(x, "amax") - per_group(x, "amin") + 1))
-    count = merged.sum(1).double()
-    share = (connected & merged).sum(1).double() / count          # 0/0 -> NaN: no merged group
-    spread = torch.where(merged, box / size.clamp_min(1), 0.0).sum(1).double() / count
-    return share, spread

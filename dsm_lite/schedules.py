@@ -14,10 +14,13 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence, Tuple, Union
 
+import pandas as pd
+from torch import nn
+
 from .merging import max_reduction
 from .windows import num_windows, square_layout, square_side, window_quotas
 
-__all__ = ["RSpec", "BlockPlan", "Schedule", "ModelShape", "parse_r", "default_delay", "plan"]
+__all__ = ["RSpec", "BlockPlan", "Schedule", "ModelShape", "parse_r", "default_delay", "plan", "delayed_tome_r"]
 
 RSpec = Union[int, Sequence[int], Tuple[int, float]]
 METHODS = ("tome", "spatial", "dsm")
@@ -100,8 +103,6 @@ class ModelShape:
     @classmethod
     def from_model(cls, model, grid: Optional[Tuple[int, int]] = None) -> "ModelShape":
         """Read the shape of a timm VisionTransformer (``grid`` overrides the patch grid)."""
-        from torch import nn
-
         block = model.blocks[0]
         attn = block.attn
         is_ln = lambda m: isinstance(m, nn.LayerNorm)  # noqa: E731
@@ -185,8 +186,6 @@ class Schedule:
 
     def to_frame(self):
         """The schedule as a pandas DataFrame, one row per block."""
-        import pandas as pd
-
         rows = [
             dict(block=b.index, mode=b.mode, side=b.side, window=b.window, windows=b.num_windows,
                  quota=b.quota, window_quotas=b.window_quotas, tokens_in=b.tokens_in, r=b.r,
@@ -405,3 +404,22 @@ def _paper_local_block(shape: ModelShape, index: int, n: int, r: int, window: in
     macs = _block_macs(shape, n, n - got, "local", layout.num_windows, window, feature, "merge")
     return BlockPlan(index, "local", got, n, n - got, window, layout.num_windows, macs,
                      side=layout.side, quota=quota, window_quotas=quotas)
+
+
+def delayed_tome_r(shape: ModelShape, r: int, delay: int) -> List[int]:
+    """Per-block r of ToMe delayed by ``delay`` blocks, at the MACs of ToMe(r) from block 0.
+
+    The first ``delay`` blocks merge nothing; the rest merge ``base + 1`` tokens in their
+    first ``extra`` blocks and ``base`` after. Of every ``base`` in [r, 4r] and ``extra`` in
+    [0, depth - delay), the schedule whose MACs are closest to ToMe(r)'s wins (the first one
+    found on a tie). Chapter 2 compares delayed and undelayed ToMe at equal compute with it.
+    """
+    target = plan(shape, "tome", r).macs
+    rest = shape.depth - delay
+    best: Optional[Schedule] = None
+    for base in range(r, 4 * r + 1):
+        for extra in range(rest):
+            s = plan(shape, "tome", [0] * delay + [base + 1] * extra + [base] * (rest - extra))
+            if best is None or abs(s.macs - target) < abs(best.macs - target):
+                best = s
+    return list(best.r)

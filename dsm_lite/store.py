@@ -4,7 +4,7 @@ The book's chapters 3-5 evaluate a few hundred merging configs on hundreds of ph
 2-core CPU in float64 that takes most of an hour, and every run of ``pytest --nbval`` would
 pay it again. Instead, the per-photo outcomes of every config (prediction, top-5, correctness,
 agreement with the dense model, KL, confidence) live in one small file that ships with the
-package, ``dsm_lite/results/book.npz``, and :func:`dsm_lite.evaluation.sweep` reads an entry
+package, ``dsm_lite/results/book.npz``, and :func:`dsm_lite.sweeps.sweep` reads an entry
 from it instead of running the model, when the entry's key matches exactly:
 
 - the config, every ``patch`` option spelled out (defaults filled in);
@@ -48,6 +48,12 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
+
+from .data import load_photos
+from .evaluation import dense_logits, per_image_metrics
+from .models import load_model, predict, weights_fingerprint
+from .patching import patch, unpatch
 
 __all__ = ["FORMAT", "BOOK_STORE", "FIELDS", "ResultStore", "book_store", "store_key",
            "StoreMismatch", "verify", "rebuild"]
@@ -210,8 +216,6 @@ def verify(path: os.PathLike | str = BOOK_STORE, n_photos: int = 8, seed: int = 
 
     Returns (entries checked, mismatches).
     """
-    import torch
-
     store = ResultStore(path, mode="read")
     entries = store.entries()
     default_dtype = torch.get_default_dtype()
@@ -222,12 +226,6 @@ def verify(path: os.PathLike | str = BOOK_STORE, n_photos: int = 8, seed: int = 
 
 
 def _verify(entries, n_photos, seed, kl_tol, keys, progress) -> Tuple[int, List[StoreMismatch]]:
-    import torch
-
-    from .data import load_photos
-    from .evaluation import _repatch, dense_logits, per_image_metrics, predict_logits
-    from .models import load_model, weights_fingerprint
-
     keys = sorted(entries) if keys is None else list(keys)
     mismatches: List[StoreMismatch] = []
     models: Dict[Tuple[str, str], torch.nn.Module] = {}
@@ -262,12 +260,11 @@ def _verify(entries, n_photos, seed, kl_tol, keys, progress) -> Tuple[int, List[
         if cfg.get("dense"):
             logits = dense
         else:
-            opts = {k: v for k, v in cfg.items() if k not in ("method", "r")}
-            _repatch(model, (cfg["method"], dict(opts, r=cfg["r"]), False, cfg["seed"]))
+            patch(model, **cfg)
             try:
-                logits = predict_logits(model, images, min(batch, len(sub)), progress=False)
+                logits = predict(model, images, min(batch, len(sub)))
             finally:
-                _repatch(model, None)
+                unpatch(model)
         got = per_image_metrics(logits, dense, labels)._arrays()
         bad_fields, bad_photos, kl_err = [], set(), 0.0
         for f in FIELDS:
@@ -295,6 +292,7 @@ def rebuild(notebooks: Sequence[os.PathLike | str], out: os.PathLike | str = BOO
             timeout: int = 7200) -> Path:
     """Execute ``notebooks`` in order with every sweep recomputed and recorded into a fresh
     store, then move it to ``out``. Outputs of the notebooks are not saved."""
+    # the book's extra (myst-nb brings them), not the package's own dependencies
     import nbformat
     from nbclient import NotebookClient
 
@@ -341,7 +339,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     checked, bad = verify(args.path, args.photos, args.seed, progress=True)
     print(f"{checked} entries checked on {args.photos} photos each "
-          f"({platform.machine()}, torch {__import__('torch').__version__}): {len(bad)} differ")
+          f"({platform.machine()}, torch {torch.__version__}): {len(bad)} differ")
     for m in bad:
         print(f"  {m}")
     if bad:

@@ -53,7 +53,11 @@ def window_ids(anchors: Tensor, grid: Tuple[int, int], window: int) -> Tensor:
 def window_partition(x: Tensor, window: int) -> Tensor:
     """Stack windows into the batch dimension, padding the grid at the bottom right.
 
-    (B, H, W, C) -> (B * ceil(H/w) * ceil(W/w), w, w, C); padding is zeros.
+    (B, H, W, C) -> (B * ceil(H/w) * ceil(W/w), w, w, C); padding is zeros. The picture of a
+    window for a reader (chapter 4 draws with it); the engine never partitions a grid, since
+    merged tokens stop forming one: it matches through window ids (:func:`window_ids`,
+    :func:`square_window_ids`) in :func:`dsm_lite.merging.window_soft_matching` and
+    :func:`dsm_lite.merging.window_quota_matching`.
     """
     b, h, w, c = x.shape
     nh, nw = num_windows((h, w), window)

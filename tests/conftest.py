@@ -1,4 +1,5 @@
-"""Shared fixtures: the offline assets folder and a loopback HTTP mirror of it."""
+"""Shared fixtures: the offline assets folder, a loopback HTTP mirror of it, and the real
+ViT-Ti with its photos (loaded once per test module, unpatched around each test)."""
 from __future__ import annotations
 
 import functools
@@ -61,3 +62,28 @@ def serve():
         timer.cancel()
         server.shutdown()
         server.server_close()
+
+
+# --------------------------------------------------------------------------- the real ViT-Ti
+@pytest.fixture(scope="module")
+def vit_ti():
+    """The real ViT-Ti (offline weights; the test is skipped without them), once per module."""
+    from reference import load_vit_ti
+
+    return load_vit_ti()
+
+
+@pytest.fixture(scope="module")
+def photos(vit_ti):
+    """8 real photos of imagenet-sample, preprocessed for ViT-Ti."""
+    from reference import load_photos
+
+    return load_photos(vit_ti, n=8)
+
+
+@pytest.fixture
+def ti(vit_ti):
+    """The real ViT-Ti, unpatched before and after each test (fused attention restored)."""
+    from reference import unpatched_during
+
+    yield from unpatched_during(vit_ti)

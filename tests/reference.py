@@ -32,6 +32,7 @@ __all__ = [
     "reference_window_ids",
     "reference_parse_r",
     "reference_vit_forward",
+    "reference_forward_for_schedule",
 ]
 
 
@@ -437,6 +438,23 @@ def reference_vit_forward(
     return model.head(x), counts, sources
 
 
+def reference_forward_for_schedule(model, images: Tensor, feature: str = "k"):
+    """:func:`reference_vit_forward` with the merges ``model``'s patch plans (its schedule):
+    ToMe's output order for ToMe, sequence order for spatial merging and DSM, and their local
+    blocks in paper or joint windows as the options say. Returns the same triple."""
+    from dsm_lite import schedule
+
+    sched = schedule(model)
+    local = [b if b.mode == "local" else None for b in sched.blocks]
+    kw = dict(order="tome" if sched.method == "tome" else "sequence", feature=feature,
+              prop_attn=sched.options.get("prop_attn", True))
+    if sched.options.get("windows") == "joint":
+        kw["windows"] = [b and b.window for b in local]
+    elif any(local):
+        kw["paper_windows"] = [b and (b.window, b.quota) for b in local]
+    return reference_vit_forward(model, images, sched.r, **kw)
+
+
 # --------------------------------------------------------------------------- shared test helpers
 # (not references: small utilities the engine tests share)
 VIT_TI = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
@@ -495,6 +513,20 @@ def load_photos(model, n: int = 8) -> Tensor:
     transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
     files = sorted((root / "imagenet-sample").glob("*.JPEG"))[::125][:n]
     return torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+
+
+def unpatched_during(model):
+    """Generator body of a fixture: ``model`` unpatched, yielded, then unpatched again with
+    timm's default fused-attention setting restored on every block."""
+    import timm
+
+    from dsm_lite import unpatch
+
+    unpatch(model)
+    yield model
+    unpatch(model)
+    for blk in model.blocks:
+        blk.attn.fused_attn = timm.layers.use_fused_attn()
 
 
 @contextlib.contextmanager

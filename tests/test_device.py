@@ -28,7 +28,7 @@ import torch
 from torch.autograd import DeviceType
 
 import dsm_lite
-from dsm_lite import devices, evaluation, matching_steps, measure, models, probes
+from dsm_lite import devices, evaluation, grid, matching_steps, measure, models, probes, stats
 from dsm_lite.devices import DeviceMismatchError, DeviceUnavailableError
 
 fake_tensor = pytest.importorskip("torch._subclasses.fake_tensor")
@@ -223,7 +223,7 @@ def test_probes_on_cuda(fake: FakeCuda, vit) -> None:
                    probes.masked_mean(received[:, 0], received[:, 0] > 0.5),
                    probes.rank_percentile(received[:, 0]),
                    probes.patch_contrast(torch.randn(2, 3, 224, 224, device="cuda")),
-                   *probes.percentile_band(values), *probes.bootstrap_ci(values, n_boot=50)]
+                   *stats.percentile_band(values), *stats.bootstrap_ci(values, n_boot=50)]
         assert all(is_cuda(t) for t in outputs)
 
 
@@ -242,13 +242,13 @@ def test_probe_device_errors(fake: FakeCuda, vit) -> None:
 
 # --------------------------------------------------------------------------- evaluation, models
 def test_forward_helpers_return_cpu_logits(fake: FakeCuda, vit, monkeypatch) -> None:
-    """predict, predict_logits, dense_logits and evaluate's forward passes: CPU photos in,
+    """predict (with and without a progress bar), dense_logits and evaluate's forward passes: CPU photos in,
     GPU model, CPU logits out; evaluate hands CPU tensors to its numpy conversion."""
     dsm_lite.patch(vit, "dsm", r=8)
     with fake:
         images = torch.randn(3, 3, 224, 224)
         for logits in (dsm_lite.predict(vit, images, batch_size=2),
-                       evaluation.predict_logits(vit, images, batch_size=2, progress=False),
+                       dsm_lite.predict(vit, images, batch_size=2, progress=True),
                        evaluation.dense_logits(vit, images, batch_size=3, progress=False)):
             assert is_cpu(logits) and logits.shape == (3, 1000) and logits.dtype == torch.float32
         assert dsm_lite.is_patched(vit)  # dense_logits restores the patch
@@ -267,15 +267,13 @@ def test_forward_helpers_return_cpu_logits(fake: FakeCuda, vit, monkeypatch) -> 
 def test_count_macs_traces_on_the_model_device(fake: FakeCuda, vit, monkeypatch) -> None:
     """torchprofile traces with torch.jit, which cannot run on fake tensors; a stand-in
     records what count_macs hands it: the model and an input on the model's device."""
-    import torchprofile
-
     seen = {}
 
     def profile_macs(model, x, reduction=None):
         seen.update(device=x.device, dtype=x.dtype, shape=tuple(x.shape))
         return {}
 
-    monkeypatch.setattr(torchprofile, "profile_macs", profile_macs)
+    monkeypatch.setattr(measure, "profile_macs", profile_macs)
     with fake:
         assert dsm_lite.count_macs(vit, (3, 64, 48)) == 0
     assert seen == dict(device=torch.device("cuda:0"), dtype=torch.float32, shape=(1, 3, 64, 48))
@@ -305,7 +303,7 @@ def test_time_breakdown_profiles_cuda_on_the_model_device(fake: FakeCuda, vit, m
         asked.append(set(activities))
         return real_profile(activities=[tp.ProfilerActivity.CPU])
 
-    monkeypatch.setattr(tp, "profile", profile)
+    monkeypatch.setattr(measure, "profile", profile)
     monkeypatch.setattr(measure, "_sync", synced.append)
     dsm_lite.patch(vit, "tome", r=8)
     with fake:
@@ -381,7 +379,7 @@ def test_real_gpu_end_to_end(cpu_vit) -> None:
         dsm_lite.patch(model, **kw)
         logits, groups = dsm_lite.trace_sources(model, images)
         assert is_cpu(logits) and is_cpu(groups) and groups.shape == (3, 14, 14)
-        assert probes.group_contiguity(groups)[0].shape == (3,)
+        assert grid.group_contiguity(groups)[0].shape == (3,)
         parts = measure.time_breakdown(model, images.cuda())
         assert abs(sum(parts.values()) - 1) < 1e-6 and parts["transformer"] < 1, (kw, parts)
     dsm_lite.unpatch(model)

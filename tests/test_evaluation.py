@@ -1,5 +1,5 @@
-"""dsm_lite.evaluation: per-photo metrics, the sweep cache (hits, misses, corruption),
-uncertainty (bootstrap, paired bootstrap, Wilson) and the trade-off plots."""
+"""dsm_lite.evaluation and dsm_lite.sweeps: per-photo metrics, the sweep cache (hits, misses,
+corruption) and the trade-off plots of a sweep."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,6 +8,7 @@ import torch
 
 import dsm_lite
 from dsm_lite import evaluation as ev
+from dsm_lite import plots, sweeps
 from dsm_lite import count_macs, is_patched, patch, unpatch
 
 from reference import small_vit
@@ -73,7 +74,7 @@ CONFIGS = [dict(method="tome", r=0), dict(method="tome", r=3),
 
 def _sweep(model, data, tmp_path, configs=CONFIGS, **kw):
     x, y = data
-    return ev.sweep(model, x, configs, cache_dir=tmp_path, labels=y, batch_size=5,
+    return sweeps.sweep(model, x, configs, cache_dir=tmp_path, labels=y, batch_size=5,
                     progress=False, n_boot=200, **kw)
 
 
@@ -127,7 +128,7 @@ def test_cache_misses_on_config_code_images_and_weights(model, data, tmp_path, m
     x, y = data
     assert not _sweep(model, (x.flip(0), y.flip(0)), tmp_path, configs=CONFIGS[1:2]).cached.any()
     # another version of dsm_lite's code
-    monkeypatch.setattr(ev, "code_hash", lambda: "0123456789abcdef")
+    monkeypatch.setattr(sweeps, "code_hash", lambda: "0123456789abcdef")
     assert not _sweep(model, data, tmp_path, configs=CONFIGS[1:2]).cached.any()
     monkeypatch.undo()
     assert _sweep(model, data, tmp_path, configs=CONFIGS[1:2]).cached.all()
@@ -142,15 +143,15 @@ def test_cache_misses_on_config_code_images_and_weights(model, data, tmp_path, m
 
 
 def test_code_hash_changes_with_source(tmp_path, monkeypatch):
-    h = ev.code_hash()
-    assert h == ev.code_hash() and len(h) == 16
+    h = sweeps.code_hash()
+    assert h == sweeps.code_hash() and len(h) == 16
     fake = tmp_path / "dsm_lite"
     fake.mkdir()
     (fake / "a.py").write_text("x = 1\n")
-    monkeypatch.setattr(ev, "__file__", str(fake / "evaluation.py"))
-    one = ev.code_hash()
+    monkeypatch.setattr(sweeps, "__file__", str(fake / "sweeps.py"))
+    one = sweeps.code_hash()
     (fake / "a.py").write_text("x = 2\n")
-    assert ev.code_hash() != one
+    assert sweeps.code_hash() != one
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncate", "empty", "flip"])
@@ -178,7 +179,7 @@ def test_corrupt_cache_file_is_ignored_and_recomputed(model, data, tmp_path, dam
 
 def test_cache_disabled_writes_nothing(model, data, tmp_path):
     x, y = data
-    df = ev.sweep(model, x, CONFIGS[1:2], cache_dir=False, labels=y, progress=False, n_boot=50)
+    df = sweeps.sweep(model, x, CONFIGS[1:2], cache_dir=False, labels=y, progress=False, n_boot=50)
     assert not df.cached.any() and not list(tmp_path.iterdir())
 
 
@@ -187,59 +188,8 @@ def test_unknown_config_key_is_rejected(model, data, tmp_path):
         _sweep(model, data, tmp_path, configs=[dict(method="tome", r=2, windw=3)])
 
 
-# --------------------------------------------------------------------------- uncertainty
-def test_paired_bootstrap_identical_is_zero():
-    a = np.random.default_rng(0).random(100) > 0.3
-    ci = ev.paired_bootstrap(a, a.copy())
-    assert (ci.estimate, ci.lo, ci.hi) == (0.0, 0.0, 0.0) and not ci.excludes_zero
-
-
-def test_paired_bootstrap_detects_a_large_shift_and_not_a_null():
-    rng = np.random.default_rng(1)
-    base = rng.normal(size=300)
-    shifted = base + 0.5 + 0.1 * rng.normal(size=300)
-    ci = ev.paired_bootstrap(shifted, base)
-    assert ci.excludes_zero and ci.lo < 0.5 < ci.hi
-    noise = base + 0.1 * rng.normal(size=300)
-    assert not ev.paired_bootstrap(noise, base, seed=3).excludes_zero
-    # pairing matters: the same shift hidden in large photo-to-photo spread
-    wide = rng.normal(scale=5.0, size=300)
-    assert ev.paired_bootstrap(wide + 0.5, wide).excludes_zero
-
-
-def test_paired_bootstrap_is_seeded():
-    rng = np.random.default_rng(2)
-    a, b = rng.random(50), rng.random(50)
-    assert tuple(ev.paired_bootstrap(a, b, seed=5)) == tuple(ev.paired_bootstrap(a, b, seed=5))
-    med = ev.paired_bootstrap(a, b, stat=np.median)
-    assert med.estimate == pytest.approx(np.median(a) - np.median(b))
-
-
-def test_wilson_known_values():
-    ci = ev.wilson_ci(8, 10)
-    assert ci.estimate == 0.8
-    assert ci.lo == pytest.approx(0.4902, abs=1e-4) and ci.hi == pytest.approx(0.9433, abs=1e-4)
-    assert tuple(ev.wilson_ci(np.array([1, 1, 0, 1, 1, 1, 1, 0, 1, 1]))) == tuple(ci)
-    assert ev.wilson_ci(0, 20).lo == 0.0 and ev.wilson_ci(20, 20).hi == 1.0
-
-
-def test_ci_coverage_on_synthetic_rates():
-    """95% intervals of a Bernoulli(0.7) rate from 150 photos cover 0.7 about 95% of the time."""
-    rng = np.random.default_rng(0)
-    reps, p = 300, 0.7
-    boot = wil = 0
-    for i in range(reps):
-        x = rng.random(150) < p
-        _, lo, hi = ev.bootstrap_ci(x, n_boot=400, seed=i)
-        boot += lo <= p <= hi
-        w = ev.wilson_ci(x)
-        wil += w.lo <= p <= w.hi
-    assert 0.90 <= boot / reps <= 0.99
-    assert 0.92 <= wil / reps <= 0.99
-
-
 # --------------------------------------------------------------------------- plots
-def test_plot_tradeoff(model, data, tmp_path):
+def test_plot_tradeoff_draws_the_sweep(model, data, tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,10 +197,21 @@ def test_plot_tradeoff(model, data, tmp_path):
 
     df = _sweep(model, data, tmp_path)
     fig, ax = plt.subplots()
-    ev.plot_tradeoff(ax, df, x="gmacs", y="top1", by="method", annotate_r=True)
+    plots.plot_tradeoff(ax, df, x="gmacs", y="top1", by="method", annotate_r=True)
     assert ax.get_xlabel() == "GMACs per image" and "%" in ax.get_ylabel()
     assert len(ax.get_lines()) == 2 and len(ax.collections) == 2  # curves and bands
+    for line, (method, g) in zip(ax.get_lines(), df.groupby("method", sort=False)):
+        g = g.sort_values("gmacs")
+        assert line.get_label() == method
+        np.testing.assert_allclose(line.get_xdata(), g.gmacs)
+        np.testing.assert_allclose(line.get_ydata(), g.top1 * 100)  # shares drawn in percent
+    band = ax.collections[0].get_paths()[0].vertices
+    g0 = df[df.method == df.method.iloc[0]].sort_values("gmacs")
+    assert np.isclose(band[:, 1].min(), min(g0.top1_lo) * 100) and np.isclose(band[:, 1].max(), max(g0.top1_hi) * 100)
+    assert sorted(t.get_text() for t in ax.texts) == sorted(f"r={r}" for r in df.r)
     plt.close(fig)
-    fig = ev.plot_tradeoffs(df, ys=("top1", "agreement", "kl"))
+    fig = plots.plot_tradeoffs(df, ys=("top1", "agreement", "kl"))
     assert len(fig.axes) == 3 and "nats" in fig.axes[2].get_ylabel()
+    np.testing.assert_allclose(sorted(fig.axes[2].get_lines()[0].get_ydata()),
+                               sorted(df[df.method == df.method.iloc[0]].kl))  # KL drawn as is
     plt.close(fig)

@@ -15,12 +15,12 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import dsm_lite
-from dsm_lite import count_macs, patch, schedule, unpatch
+from dsm_lite import count_macs, patch, schedule
 from dsm_lite.merging import bipartite_soft_matching, merge_source, merge_wavg, window_quota_matching
 from dsm_lite.schedules import ModelShape, plan
 from dsm_lite.windows import square_layout, square_side, square_window_ids, window_quotas
 
-from reference import (load_photos, load_vit_ti, record_blocks, reference_quota_window_merge,
+from reference import (load_photos, record_blocks, reference_quota_window_merge,
                        reference_square_window_ids, reference_vit_forward, small_vit)
 from reference import single_thread  # noqa: F401  (autouse fixture)
 from test_merging import assert_matches_reference, quantised_metric, random_inputs, tied_metric
@@ -336,15 +336,9 @@ def test_paper_forward_equals_naive_forward(name):
 
 
 # --------------------------------------------------------------------------- real ViT-Ti
-@pytest.fixture(scope="module")
-def vit_ti():
-    model = load_vit_ti()
-    yield model
-    unpatch(model)
-
-
-def test_real_vit_ti_merges_stay_inside_square_windows(vit_ti):
+def test_real_vit_ti_merges_stay_inside_square_windows(ti):
     """ViT-Ti, DSM r = 16: token counts, window locality on the re-laid square, MACs."""
+    vit_ti = ti  # the real ViT-Ti (conftest.py), unpatched around this test
     photos = load_photos(vit_ti, n=4)
     patch(vit_ti, "dsm", r=16, trace_source=True)
     sched = schedule(vit_ti)

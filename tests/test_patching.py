@@ -13,7 +13,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 import dsm_lite
 from dsm_lite import count_macs, is_patched, patch, schedule, unpatch
 
-from reference import load_photos, load_vit_ti, record_blocks, reference_vit_forward, small_vit
+from reference import (record_blocks, reference_forward_for_schedule, reference_prune, reference_vit_forward,
+                       small_vit, unpatched_during)
 from reference import single_thread  # noqa: F401  (autouse fixture)
 
 SMALL = (3, 64, 64)
@@ -28,16 +29,7 @@ def source_sets(source):
     return [[frozenset(torch.nonzero(row).flatten().tolist()) for row in img] for img in source]
 
 
-@pytest.fixture(scope="module")
-def vit_ti():
-    return load_vit_ti()
-
-
-@pytest.fixture(scope="module")
-def photos(vit_ti):
-    return load_photos(vit_ti, n=8)
-
-
+# fixtures vit_ti, photos and ti (the real ViT-Ti, unpatched around each test): conftest.py
 @pytest.fixture(scope="module")
 def dense_logits(vit_ti, photos):
     assert not is_patched(vit_ti)
@@ -54,21 +46,7 @@ def vit_ti64(vit_ti):
 
 @pytest.fixture
 def ti64(vit_ti64):
-    unpatch(vit_ti64)
-    yield vit_ti64
-    unpatch(vit_ti64)
-    for attn in (blk.attn for blk in vit_ti64.blocks):
-        attn.fused_attn = timm.layers.use_fused_attn()
-
-
-@pytest.fixture
-def ti(vit_ti):
-    """The real ViT-Ti, unpatched again after each test."""
-    unpatch(vit_ti)
-    yield vit_ti
-    unpatch(vit_ti)
-    for attn in (blk.attn for blk in vit_ti.blocks):
-        attn.fused_attn = timm.layers.use_fused_attn()
+    yield from unpatched_during(vit_ti64)
 
 
 # --------------------------------------------------------------------------- real ViT-Ti
@@ -289,8 +267,9 @@ def test_distilled_deit_tiny():
     patch(model, "tome", r=13, trace_source=True)
     with torch.no_grad(), record_blocks(model) as log:
         out = model(x)
-    assert out.shape == (2, 1000) and torch.isfinite(out).all()
-    assert log["tokens"] == schedule(model).tokens and log["tokens"][0] == 198
+    ref, counts, _ = reference_forward_for_schedule(model, x[:1])  # both heads, averaged, by hand
+    torch.testing.assert_close(out[:1], ref, rtol=0, atol=1e-5)
+    assert log["tokens"] == schedule(model).tokens == counts and log["tokens"][0] == 198
     src = model._dsm_state.source
     assert torch.equal(src[:, :2], torch.eye(198)[:2].expand(2, -1, -1))  # class, dist tokens first
     patch(model, "dsm", r=16, trace_source=True)
@@ -304,13 +283,16 @@ def test_distilled_deit_tiny():
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("method", ["spatial", "dsm"])
 def test_variants_run_spatial_methods(variant, method):
-    model = small_vit(seed=0, depth=5, **VARIANTS[variant])
+    model = small_vit(seed=0, depth=5, dtype=torch.float64, **VARIANTS[variant])
     patch(model, method, r=5, window=3, trace_source=True)
     p = model.num_prefix_tokens
+    x = images(2, dtype=torch.float64)
     with torch.no_grad(), record_blocks(model) as log:
-        out = model(images(2))
-    assert torch.isfinite(out).all()
-    assert log["tokens"] == schedule(model).tokens and schedule(model).local_blocks > 0
+        out = model(x)
+    ref, counts, ref_src = reference_forward_for_schedule(model, x)  # the hand-written forward
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert source_sets(model._dsm_state.source) == [[frozenset(s) for s in img] for img in ref_src]
+    assert log["tokens"] == counts == schedule(model).tokens and schedule(model).local_blocks > 0
     src = model._dsm_state.source
     assert torch.equal(src[:, :p], torch.eye(src.shape[-1])[:p].expand(2, -1, -1))
     if method == "dsm":  # one MAC trace per variant (LayerScale, qk_norm, avg pool... are counted)
@@ -518,32 +500,69 @@ def test_random_feature_is_deterministic():
 @pytest.mark.parametrize("feature", ["k", "q", "v", "x", "random"])
 @pytest.mark.parametrize("method", ["tome", "dsm"])
 def test_features_run(feature, method):
-    model = small_vit(seed=0)
-    patch(model, method, r=6, feature=feature, window=3)
+    """Each similarity feature: the forward of the hand-written reference merging on that
+    feature (keys/queries/values averaged over heads, or the block input); the random
+    feature, which only the engine can draw, must still partition the tokens."""
+    model = small_vit(seed=0, dtype=torch.float64)
+    patch(model, method, r=6, feature=feature, window=3, trace_source=True)
+    x = images(2, dtype=torch.float64)
     with torch.no_grad(), record_blocks(model) as log:
-        out = model(images(2))
-    assert torch.isfinite(out).all() and log["tokens"] == schedule(model).tokens
+        out = model(x)
+    assert log["tokens"] == schedule(model).tokens
+    if feature == "random":
+        assert check_partition(model, 2)
+        return
+    ref, counts, ref_src = reference_forward_for_schedule(model, x, feature=feature)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert counts == log["tokens"]
+    assert source_sets(model._dsm_state.source) == [[frozenset(s) for s in img] for img in ref_src]
 
 
 def test_features_select_different_merges():
-    model = small_vit(seed=0)
-    x = images(2)
+    """One merge of 20 tokens in block 0: the groups are the reference's for each feature
+    (and the features do not all agree)."""
+    model = small_vit(seed=0, dtype=torch.float64)
+    x = images(2, dtype=torch.float64)
     groups = {}
     for feature in ("k", "q", "v", "x"):
         patch(model, "tome", r=[20], feature=feature)
-        groups[feature] = dsm_lite.trace_sources(model, x)[1]
-    assert len({tuple(g.flatten().tolist()) for g in groups.values()}) > 1
+        got = dsm_lite.trace_sources(model, x)[1].flatten(1)
+        _, _, ref_src = reference_forward_for_schedule(model, x, feature=feature)
+        for img, src in zip(got.tolist(), ref_src):  # the same partition of the 64 patches
+            want = {frozenset(t - 1 for t in s) for s in src if 0 not in s}
+            assert {frozenset(i for i, g in enumerate(img) if g == k) for k in set(img)} == want, feature
+        groups[feature] = tuple(got.flatten().tolist())
+    assert len(set(groups.values())) > 1
 
 
 @pytest.mark.parametrize("method", ["tome", "spatial", "dsm"])
 def test_prune_runs_and_drops(method):
+    """Each block keeps exactly the tokens the naive pruning keeps: all but the r whose keys
+    (averaged over heads, recomputed here head by head) have the lowest norm."""
     model = small_vit(seed=0)
     x = images(2)
     patch(model, method, r=7, reduction="prune", trace_source=True)
-    with torch.no_grad(), record_blocks(model) as log:
-        out = model(x)
+    normed = []
+    hooks = [b.norm1.register_forward_hook(lambda m, a, out: normed.append(out)) for b in model.blocks]
+    try:
+        with torch.no_grad(), record_blocks(model) as log:
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
     st = model._dsm_state
-    assert torch.isfinite(out).all() and log["tokens"] == schedule(model).tokens
+    assert log["tokens"] == schedule(model).tokens
+    for i, (blk, h, r) in enumerate(zip(model.blocks, normed, schedule(model).r)):
+        c, nh = h.shape[-1], blk.attn.num_heads
+        keys = h @ blk.attn.qkv.weight[c:2 * c].T + blk.attn.qkv.bias[c:2 * c]
+        metric = sum(keys[..., j * (c // nh):(j + 1) * (c // nh)] for j in range(nh)) / nh
+        kept = reference_prune(metric, r, 1)
+        src_in = log["source_in"][i] if log["source_in"][i] is not None else torch.eye(65).expand(2, -1, -1)
+        if r == 0:  # e.g. DSM's delay: nothing dropped yet
+            assert log["source_out"][i] is None or torch.equal(log["source_out"][i], src_in)
+            continue
+        for b in range(2):
+            assert torch.equal(log["source_out"][i][b], src_in[b, kept[b]]), (i, b)
     assert (st.size == 1).all()  # pruning drops, never merges
     assert torch.equal(st.source.sum(-1), torch.ones_like(st.source.sum(-1)))
     assert torch.equal(st.source[:, 0], torch.eye(65)[0].expand(2, -1))

@@ -76,22 +76,6 @@ def test_book_calls_match_the_pre_refactor_outputs_exactly():
     assert [k for k in golden if now[k] != golden[k]] == []
 
 
-def test_old_names_are_the_new_implementations():
-    from dsm_lite import evaluation, plots, probes
-
-    assert evaluation.BootstrapCI is stats.BootstrapCI and evaluation.wilson_ci is stats.wilson_ci
-    x = np.random.default_rng(0).random(40)
-    assert tuple(evaluation.bootstrap_ci(x, 100, 3)) == tuple(stats.bootstrap_ci(x, 100, 3))
-    assert tuple(evaluation.paired_bootstrap(x, x[::-1], 100, 3)) == tuple(stats.paired_bootstrap(x, x[::-1], 100, 3))
-    v = torch.from_numpy(x.reshape(20, 2))
-    for old, new in zip(probes.bootstrap_ci(v, 100, seed=3), stats.bootstrap_ci(v, 100, 3)):
-        assert torch.equal(old, new)
-    for old, new in zip(probes.percentile_band(v), stats.percentile_band(v)):
-        assert torch.equal(old, new)
-    for old, new in zip(plots.band(v), stats.percentile_band(v.numpy())):
-        assert np.array_equal(old, new)
-
-
 # --------------------------------------------------------------------------- bootstrap
 @pytest.mark.parametrize("seed", [0, 4])
 def test_bootstrap_ci_numpy_matches_loop(seed):
@@ -176,10 +160,6 @@ def test_bootstrap_bad_input():
         stats.bootstrap_ci(torch.ones(5), stat=np.median)
     with pytest.raises(ValueError, match="one shape"):
         stats.paired_bootstrap(np.ones(5), np.ones(6))
-    from dsm_lite import evaluation
-
-    with pytest.raises(ValueError, match="1-D"):
-        evaluation.bootstrap_ci(np.ones((5, 2)))
 
 
 # --------------------------------------------------------------------------- Wilson, normal quantile
@@ -394,3 +374,54 @@ def test_verdicts_from_synthetic_photos():
     assert judge(noisy, few, margin=1.0) == "not detectable"
     assert judge(noisy, few) == "not detectable"
     assert judge(noisy, few, margin=5.0) == "equivalent"
+
+
+# --------------------------------------------------------------------------- behaviour on synthetic photos
+def test_paired_bootstrap_identical_is_zero():
+    a = np.random.default_rng(0).random(100) > 0.3
+    ci = stats.paired_bootstrap(a, a.copy())
+    assert (ci.estimate, ci.lo, ci.hi) == (0.0, 0.0, 0.0) and not ci.excludes_zero
+
+
+def test_paired_bootstrap_detects_a_large_shift_and_not_a_null():
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=300)
+    shifted = base + 0.5 + 0.1 * rng.normal(size=300)
+    ci = stats.paired_bootstrap(shifted, base)
+    assert ci.excludes_zero and ci.lo < 0.5 < ci.hi
+    noise = base + 0.1 * rng.normal(size=300)
+    assert not stats.paired_bootstrap(noise, base, seed=3).excludes_zero
+    # pairing matters: the same shift hidden in large photo-to-photo spread
+    wide = rng.normal(scale=5.0, size=300)
+    assert stats.paired_bootstrap(wide + 0.5, wide).excludes_zero
+
+
+def test_paired_bootstrap_is_seeded():
+    rng = np.random.default_rng(2)
+    a, b = rng.random(50), rng.random(50)
+    assert tuple(stats.paired_bootstrap(a, b, seed=5)) == tuple(stats.paired_bootstrap(a, b, seed=5))
+    med = stats.paired_bootstrap(a, b, stat=np.median)
+    assert med.estimate == pytest.approx(np.median(a) - np.median(b))
+
+
+def test_wilson_known_values():
+    ci = stats.wilson_ci(8, 10)
+    assert ci.estimate == 0.8
+    assert ci.lo == pytest.approx(0.4902, abs=1e-4) and ci.hi == pytest.approx(0.9433, abs=1e-4)
+    assert tuple(stats.wilson_ci(np.array([1, 1, 0, 1, 1, 1, 1, 0, 1, 1]))) == tuple(ci)
+    assert stats.wilson_ci(0, 20).lo == 0.0 and stats.wilson_ci(20, 20).hi == 1.0
+
+
+def test_ci_coverage_on_synthetic_rates():
+    """95% intervals of a Bernoulli(0.7) rate from 150 photos cover 0.7 about 95% of the time."""
+    rng = np.random.default_rng(0)
+    reps, p = 300, 0.7
+    boot = wil = 0
+    for i in range(reps):
+        x = rng.random(150) < p
+        _, lo, hi = stats.bootstrap_ci(x, n_boot=400, seed=i)
+        boot += lo <= p <= hi
+        w = stats.wilson_ci(x)
+        wil += w.lo <= p <= w.hi
+    assert 0.90 <= boot / reps <= 0.99
+    assert 0.92 <= wil / reps <= 0.99

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from dsm_lite import evaluation as ev
+from dsm_lite import sweeps
 from dsm_lite import store as st
 from dsm_lite.data import ImageSet
 
@@ -59,7 +59,7 @@ class CountForwards:
 
 
 def _sweep(model, photos, store, configs=CONFIGS, **kw):
-    return ev.sweep(model, photos, configs, cache_dir=False, batch_size=4, progress=False,
+    return sweeps.sweep(model, photos, configs, cache_dir=False, batch_size=4, progress=False,
                     n_boot=100, store=store, **kw)
 
 
@@ -132,7 +132,7 @@ def test_keys_change_with_everything_that_changes_a_result(vit, photos, tmp_path
 def test_what_does_not_change_a_result_is_not_in_the_key(vit, photos, tmp_path):
     path = tmp_path / "store.npz"
     _sweep(vit, photos, st.ResultStore(path, mode="record"), configs=CONFIGS[1:2])
-    df = ev.sweep(vit, photos, CONFIGS[1:2], cache_dir=False, batch_size=7, progress=False,
+    df = sweeps.sweep(vit, photos, CONFIGS[1:2], cache_dir=False, batch_size=7, progress=False,
                   n_boot=100, store=st.ResultStore(path))
     assert df.cached.all()  # batch size (and device, versions, source) are not part of the key
 
@@ -174,7 +174,7 @@ def test_bad_input_gives_clear_errors(vit, photos, tmp_path):
     with pytest.raises(ValueError, match="mode"):
         st.ResultStore(tmp_path / "s.npz", mode="write")
     with pytest.raises(ValueError, match="needs an ImageSet"):
-        ev.sweep(vit, photos.images, CONFIGS[1:2], labels=photos.labels, cache_dir=False,
+        sweeps.sweep(vit, photos.images, CONFIGS[1:2], labels=photos.labels, cache_dir=False,
                  progress=False, store=st.ResultStore(tmp_path / "s.npz", mode="record"))
     assert not (tmp_path / "s.npz").exists()  # nothing half-written
     # a store of another format is refused, not misread
@@ -225,13 +225,13 @@ def test_rebuild_executes_notebooks_and_records_every_sweep(tmp_path, monkeypatc
 import sys, torch
 sys.path.insert(0, {tests!r})
 from reference import small_vit
-from dsm_lite import evaluation as ev
+from dsm_lite import sweeps
 from dsm_lite.data import ImageSet
 from dsm_lite.store import book_store
 g = torch.Generator().manual_seed(1)
 x, y = torch.randn(6, 3, 64, 64, generator=g), torch.randint(0, 10, (6,), generator=g)
 photos = ImageSet("imagenet-sample", x, y, [f"imagenet-sample/fake_{{i}}.JPEG" for i in range(6)], [])
-df = ev.sweep(small_vit(seed=3), photos, {CONFIGS[:3]!r}, cache_dir=False, batch_size=4, progress=False,
+df = sweeps.sweep(small_vit(seed=3), photos, {CONFIGS[:3]!r}, cache_dir=False, batch_size=4, progress=False,
               n_boot=10, store=book_store())
 assert not df.cached.any()
 """

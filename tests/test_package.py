@@ -1,0 +1,79 @@
+"""The package's shape: an acyclic import graph with every import at the top, a concern per
+module, a curated top-level API, and notebooks that call the package instead of defining analysis."""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import dsm_lite
+from dsm_lite import _package
+
+REPO = Path(__file__).resolve().parents[1]
+#: imports that stay inside a function, with why: optional extras and a version shim
+ALLOWED_NESTED = {
+    ("store", "rebuild", "import nbformat"),                    # the book's extra (myst-nb)
+    ("store", "rebuild", "from nbclient import NotebookClient"),
+    ("models", "_is_network_error",                             # older huggingface_hub lacks it
+     "from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled"),
+}
+
+
+def test_import_graph_is_acyclic_with_imports_at_the_top():
+    graph = _package.import_graph()
+    layers = _package.layers(graph)  # raises on a cycle
+    assert layers["merging"] == 0 and layers["stats"] == 0
+    # the engine never imports the analysis
+    engine = {m for m, g in _package.GROUPS.items() if g.startswith("engine")}
+    analysis = {m for m, g in _package.GROUPS.items() if g in ("analysis", "figures")}
+    assert all(not (graph[m] & analysis) for m in engine)
+    assert set(_package.nested_imports()) <= ALLOWED_NESTED
+
+
+def test_layers_find_a_cycle():
+    with pytest.raises(ValueError, match="a -> b -> a"):
+        _package.layers({"a": {"b"}, "b": {"a"}, "c": set()})
+    assert _package.layers({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == {"a": 1, "b": 0, "c": 2}
+
+
+def test_every_module_states_its_concern_and_has_a_role():
+    for m in _package.modules():
+        assert len(_package.concern(m)) > 20, m
+    assert set(_package.GROUPS) == set(_package.modules())
+
+
+def test_curated_api_is_the_engine_and_analysis_is_namespaced():
+    assert len(dsm_lite.__all__) == len(set(dsm_lite.__all__))
+    for name in dsm_lite.__all__:
+        assert getattr(dsm_lite, name) is not None
+    for old in ("bootstrap_ci", "paired_bootstrap", "sweep", "AttentionProbe", "plot_tradeoff"):
+        assert old not in dsm_lite.__all__
+    # a fresh interpreter: patching needs neither pandas' analysis modules nor matplotlib
+    code = ("import sys, dsm_lite; assert 'matplotlib.pyplot' not in sys.modules; "
+            "assert 'dsm_lite.sweeps' not in sys.modules; from dsm_lite import sweeps; "
+            "assert dsm_lite.stats.bootstrap_ci and dsm_lite.sweeps is sweeps")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        dsm_lite.nope
+
+
+def _functions(source: str):
+    """(name, lines) of every function a notebook cell defines (IPython magics stripped)."""
+    code = "\n".join(l[:len(l) - len(l.lstrip())] + "pass" if l.lstrip().startswith(("%", "!")) else l
+                     for l in source.splitlines())
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.FunctionDef):
+            yield node.name, node.end_lineno - node.lineno + 1
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "book").glob("*.ipynb")), ids=lambda p: p.stem)
+def test_notebooks_define_no_long_functions(path):
+    """Analysis lives in the package: a chapter may define a helper of a few lines, no more."""
+    cells = json.loads(path.read_text())["cells"]
+    long = [(name, n) for c in cells if c["cell_type"] == "code"
+            for name, n in _functions("".join(c["source"])) if n > 10]
+    assert long == []
