@@ -7,6 +7,7 @@ can be drawn as bands.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import matplotlib.pyplot as plt
@@ -33,6 +34,8 @@ __all__ = [
     "merge_overlay",
     "show_merges",
     "METRIC_LABELS",
+    "METHOD_COLORS",
+    "OTHER_COLORS",
     "plot_tradeoff",
     "plot_tradeoffs",
 ]
@@ -312,6 +315,10 @@ METRIC_LABELS = {
     "d_top1": "top-1 change vs dense (percentage points)",
 }
 _PERCENT = {"top1", "top5", "agreement", "d_top1"}
+#: one colour per method in every chapter's figures
+METHOD_COLORS = {"dense": "k", "ToMe": "tab:blue", "spatial": "tab:orange", "DSM": "tab:green"}
+#: colours for curves that are none of the methods (variants, ablations), in this order
+OTHER_COLORS = ("tab:purple", "tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 
 
 def plot_tradeoff(ax, df, x: str = "gmacs", y: str = "agreement", by: Union[str, Sequence[str]] = "label",
@@ -328,16 +335,19 @@ def plot_tradeoff(ax, df, x: str = "gmacs", y: str = "agreement", by: Union[str,
         by: column(s) whose values make one curve each (default ``label``).
         band: shade ``<y>_lo``..``<y>_hi`` (bootstrap 95% CI over photos) when present.
         annotate_r: write each point's r beside it.
+        colors: colour per curve name, on top of :data:`METHOD_COLORS` (the book's colour for
+            each method); curves named in neither take the next of :data:`OTHER_COLORS`.
     Returns the axes.
     """
+    colors = {**METHOD_COLORS, **(colors or {})}
+    spare = itertools.cycle([c for c in OTHER_COLORS if c not in colors.values()] or OTHER_COLORS)
     by = [by] if isinstance(by, str) else list(by)
     scale = 100.0 if y in _PERCENT else 1.0
     for i, (key, g) in enumerate(df.groupby(by, sort=False)):
         g = g.sort_values(x)
         name = ", ".join(map(str, key)) if isinstance(key, tuple) else str(key)
         style = dict(marker=markers[i % len(markers)], label=str(name))
-        if colors and name in colors:
-            style["color"] = colors[name]
+        style["color"] = colors[name] if name in colors else next(spare)
         style.update(kw)
         line, = ax.plot(g[x], g[y] * scale, **style)
         if band and f"{y}_lo" in g and f"{y}_hi" in g:

@@ -307,3 +307,17 @@ def test_show_merges_grid_overlays_and_window_lines():
     assert sorted(tuple(line.get_xdata()) for line in lines if line.get_xdata()[0] == line.get_xdata()[1]) == [(3.5, 3.5)]
     assert sorted(tuple(line.get_ydata()) for line in lines if line.get_ydata()[0] == line.get_ydata()[1]) == [(3.5, 3.5)]
     assert [a.get_title() for a in axes[0]] == ["p", "q"] and [a.get_ylabel() for a in axes[:, 0]] == ["tome", "dsm"]
+
+
+def test_plot_tradeoff_colours_each_method_the_same_everywhere(ax):
+    import pandas as pd
+
+    rows = [dict(label=l, r=r, gmacs=1.0 - 0.01 * r, agreement=0.9 - 0.01 * r)
+            for l in ("DSM", "other", "ToMe", "variant", "spatial", "ablation") for r in (4, 8)]
+    plots.plot_tradeoff(ax, pd.DataFrame(rows), band=False, colors={"other": "tab:purple"})
+    got = {line.get_label(): mcolors.to_hex(line.get_color()) for line in ax.get_lines()}
+    # unnamed curves take the spare colours in order, skipping those already given
+    assert got == {name: mcolors.to_hex(c) for name, c in
+                   dict(DSM="tab:green", other="tab:purple", ToMe="tab:blue", variant="tab:red",
+                        spatial="tab:orange", ablation="tab:brown").items()}
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), [82.0, 86.0])  # DSM, by rising GMACs
