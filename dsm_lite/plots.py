@@ -36,6 +36,9 @@ __all__ = [
     "METRIC_LABELS",
     "METHOD_COLORS",
     "OTHER_COLORS",
+    "PHASE_COLORS",
+    "plot_tokens_per_block",
+    "draw_import_graph",
     "plot_tradeoff",
     "plot_tradeoffs",
 ]
@@ -414,4 +417,42 @@ def draw_import_graph(ax, graph: Dict[str, Any], layers: Dict[str, int],
         ax.spines[side].set_visible(False)
     ax.legend(handles=[Patch(color=colors[g], label=g) for g in names], fontsize=9, loc="upper center",
               bbox_to_anchor=(0.5, -0.12), ncol=len(names), frameon=False)
+    return ax
+
+
+# --------------------------------------------------------------------------- schedules
+#: shading of a schedule's phases: the delay (no merging), local (windowed) and global blocks
+PHASE_COLORS = {"none": "0.55", "local": "gold", "global": "tab:cyan"}  # tints no method uses
+PHASE_NAMES = {"none": "delay: no merging", "local": "local (windows)", "global": "global"}
+
+
+def plot_tokens_per_block(ax, schedules: Dict[str, Any], shade: Optional[str] = None):
+    """Tokens entering every block, one step line per schedule, with the phases of one shaded.
+
+    Args:
+        ax: matplotlib axes.
+        schedules: ``{curve name: dsm_lite.Schedule}``; :data:`METHOD_COLORS` colours the
+            methods' names.
+        shade: the name of the schedule whose phases (its blocks' ``mode``: no merging, local,
+            global) are shaded behind the curves.
+    Returns the axes.
+    """
+    spare = itertools.cycle(OTHER_COLORS)
+    for name, s in schedules.items():
+        tokens = s.tokens  # depth + 1 values: entering each block, then leaving the last
+        ax.step(range(len(tokens)), tokens, where="post", marker="o", ms=3,
+                color=METHOD_COLORS.get(name) or next(spare),
+                label=f"{name}: {s.macs / 1e9:.3f} GMACs")
+    if shade is not None:
+        seen = set()
+        for b in schedules[shade].blocks:
+            label = None if b.mode in seen else f"{shade}: {PHASE_NAMES[b.mode]}"
+            seen.add(b.mode)
+            ax.axvspan(b.index, b.index + 1, color=PHASE_COLORS[b.mode], alpha=0.15, lw=0, label=label)
+    depth = len(next(iter(schedules.values())).blocks)
+    ax.set_xticks(range(depth + 1))
+    ax.set_xlabel("block l (tokens entering it; the last tick: leaving the last block)")
+    ax.set_ylabel("tokens (class token included)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return ax

@@ -20,7 +20,8 @@ from torch import nn
 from .merging import max_reduction
 from .windows import num_windows, square_layout, square_side, window_quotas
 
-__all__ = ["RSpec", "BlockPlan", "Schedule", "ModelShape", "parse_r", "default_delay", "plan", "delayed_tome_r"]
+__all__ = ["RSpec", "BlockPlan", "Schedule", "ModelShape", "parse_r", "default_delay", "plan", "delayed_tome_r",
+           "closest_macs"]
 
 RSpec = Union[int, Sequence[int], Tuple[int, float]]
 METHODS = ("tome", "spatial", "dsm")
@@ -423,3 +424,10 @@ def delayed_tome_r(shape: ModelShape, r: int, delay: int) -> List[int]:
             if best is None or abs(s.macs - target) < abs(best.macs - target):
                 best = s
     return list(best.r)
+
+
+def closest_macs(shape: ModelShape, method: str, target: float, rs: Sequence[int] = range(1, 64),
+                 **options) -> Schedule:
+    """The schedule of ``method`` whose MACs come closest to ``target``, over the r in ``rs``
+    (the first one on a tie): how the book puts methods at equal compute."""
+    return min((plan(shape, method, r, **options) for r in rs), key=lambda s: abs(s.macs - target))

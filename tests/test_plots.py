@@ -321,3 +321,30 @@ def test_plot_tradeoff_colours_each_method_the_same_everywhere(ax):
                    dict(DSM="tab:green", other="tab:purple", ToMe="tab:blue", variant="tab:red",
                         spatial="tab:orange", ablation="tab:brown").items()}
     np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), [82.0, 86.0])  # DSM, by rising GMACs
+
+
+def test_plot_tokens_per_block_draws_each_schedule_and_shades_the_phases(ax):
+    import timm
+
+    from dsm_lite.schedules import ModelShape, closest_macs, plan
+
+    shape = ModelShape.from_model(timm.create_model("vit_tiny_patch16_224", pretrained=False))
+    tome = plan(shape, "tome", 8)
+    dsm = closest_macs(shape, "dsm", tome.macs, delay=2)
+    # closest: no r in the range is nearer to ToMe's MACs than the one chosen
+    assert all(abs(dsm.macs - tome.macs) <= abs(plan(shape, "dsm", r, delay=2).macs - tome.macs)
+               for r in range(1, 64))
+    plots.plot_tokens_per_block(ax, {"ToMe": tome, "DSM": dsm}, shade="DSM")
+    lines = ax.get_lines()
+    for line, s in zip(lines, (tome, dsm)):
+        assert list(line.get_ydata()) == s.tokens and list(line.get_xdata()) == list(range(13))
+    assert [mcolors.to_hex(l.get_color()) for l in lines] == [mcolors.to_hex("tab:blue"), mcolors.to_hex("tab:green")]
+    spans = [p for p in ax.patches]
+    assert len(spans) == 12  # one per block
+    modes = [b.mode for b in dsm.blocks]
+    assert modes[:2] == ["none", "none"] and "local" in modes and modes[-1] == "global"
+    for span, mode in zip(spans, modes):
+        assert mcolors.to_hex(span.get_facecolor()[:3]) == mcolors.to_hex(plots.PHASE_COLORS[mode])
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[:2] == [f"ToMe: {tome.macs / 1e9:.3f} GMACs", f"DSM: {dsm.macs / 1e9:.3f} GMACs"]
+    assert labels[2:] == ["DSM: delay: no merging", "DSM: local (windows)", "DSM: global"]
