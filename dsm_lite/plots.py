@@ -36,6 +36,7 @@ __all__ = [
     "METRIC_LABELS",
     "METHOD_COLORS",
     "OTHER_COLORS",
+    "curve_colors",
     "PHASE_COLORS",
     "plot_tokens_per_block",
     "draw_import_graph",
@@ -324,6 +325,14 @@ METHOD_COLORS = {"dense": "k", "ToMe": "tab:blue", "spatial": "tab:orange", "DSM
 OTHER_COLORS = ("tab:purple", "tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 
 
+def curve_colors(names: Sequence[str], colors: Optional[Dict[Any, str]] = None) -> Dict[str, str]:
+    """The book's colour for each curve name: ``colors`` first, then :data:`METHOD_COLORS`;
+    any other name takes the next of :data:`OTHER_COLORS` that no named curve uses."""
+    named = {**METHOD_COLORS, **(colors or {})}
+    spare = itertools.cycle([c for c in OTHER_COLORS if c not in named.values()] or OTHER_COLORS)
+    return {name: named[name] if name in named else next(spare) for name in dict.fromkeys(names)}
+
+
 def plot_tradeoff(ax, df, x: str = "gmacs", y: str = "agreement", by: Union[str, Sequence[str]] = "label",
                   band: bool = True, annotate_r: bool = False, markers: Sequence[str] = "os^vDP",
                   colors: Optional[Dict[Any, str]] = None, legend: bool = True, **kw):
@@ -342,15 +351,14 @@ def plot_tradeoff(ax, df, x: str = "gmacs", y: str = "agreement", by: Union[str,
             each method); curves named in neither take the next of :data:`OTHER_COLORS`.
     Returns the axes.
     """
-    colors = {**METHOD_COLORS, **(colors or {})}
-    spare = itertools.cycle([c for c in OTHER_COLORS if c not in colors.values()] or OTHER_COLORS)
     by = [by] if isinstance(by, str) else list(by)
     scale = 100.0 if y in _PERCENT else 1.0
-    for i, (key, g) in enumerate(df.groupby(by, sort=False)):
+    groups = [(", ".join(map(str, key)) if isinstance(key, tuple) else str(key), g)
+              for key, g in df.groupby(by, sort=False)]
+    color_of = curve_colors([name for name, _ in groups], colors)
+    for i, (name, g) in enumerate(groups):
         g = g.sort_values(x)
-        name = ", ".join(map(str, key)) if isinstance(key, tuple) else str(key)
-        style = dict(marker=markers[i % len(markers)], label=str(name))
-        style["color"] = colors[name] if name in colors else next(spare)
+        style = dict(marker=markers[i % len(markers)], label=name, color=color_of[name])
         style.update(kw)
         line, = ax.plot(g[x], g[y] * scale, **style)
         if band and f"{y}_lo" in g and f"{y}_hi" in g:
@@ -437,11 +445,10 @@ def plot_tokens_per_block(ax, schedules: Dict[str, Any], shade: Optional[str] = 
             global) are shaded behind the curves.
     Returns the axes.
     """
-    spare = itertools.cycle(OTHER_COLORS)
+    color_of = curve_colors(list(schedules))
     for name, s in schedules.items():
         tokens = s.tokens  # depth + 1 values: entering each block, then leaving the last
-        ax.step(range(len(tokens)), tokens, where="post", marker="o", ms=3,
-                color=METHOD_COLORS.get(name) or next(spare),
+        ax.step(range(len(tokens)), tokens, where="post", marker="o", ms=3, color=color_of[name],
                 label=f"{name}: {s.macs / 1e9:.3f} GMACs")
     if shade is not None:
         seen = set()

@@ -56,7 +56,7 @@ from .models import load_model, predict, weights_fingerprint
 from .patching import patch, unpatch
 
 __all__ = ["FORMAT", "BOOK_STORE", "FIELDS", "ResultStore", "book_store", "store_key",
-           "StoreMismatch", "verify", "rebuild"]
+           "StoreMismatch", "verify", "diff", "rebuild"]
 
 FORMAT = 1
 BOOK_STORE = Path(__file__).resolve().parent / "results" / "book.npz"
@@ -77,7 +77,7 @@ class ResultStore:
     """Per-photo results keyed by (config, context), in one ``.npz`` file.
 
     ``mode="read"`` serves entries; ``"record"`` never serves, and :meth:`put` adds each new
-    result to the file at once (atomically, so an interrupted rebuild leaves a valid file);
+    result to the file at once (appending, see :meth:`put`);
     ``"extend"`` serves what it has and records what it lacks (for adding configs to the
     book without recomputing the rest).
     """
@@ -113,16 +113,49 @@ class ResultStore:
         return self.entries()[key]["__meta__"]
 
     def put(self, key: str, arrays: Dict[str, np.ndarray], meta: Dict[str, Any]) -> None:
-        """Add or replace one entry and rewrite the file (record or extend mode)."""
+        """Add or replace one entry (record or extend mode).
+
+        A new key is appended to the file's zip archive, so recording costs the size of one
+        entry, not of the whole file (a rebuild records hundreds). Replacing a key rewrites the
+        file atomically. An append that is interrupted can leave the file unreadable: the
+        rebuild records into a temporary file for that reason, and the shipped file is in git.
+        """
         if self.mode == "read":
             raise RuntimeError(f"{self!r} is read-only; rebuild it with `{REBUILD_COMMAND}`")
         missing = [f for f in FIELDS if f not in arrays]
         if missing:
             raise ValueError(f"entry {key} lacks the per-photo fields {missing}")
+        entry = {"__meta__": meta, **{f: np.asarray(arrays[f]) for f in FIELDS}}
+        if self.path.is_file() and not _holds(self.path, key):
+            _append(self.path, key, entry)
+            if self._entries is not None:
+                self._entries[key] = entry
+            return
         entries = dict(_read(self.path))  # others may have recorded meanwhile (one per chapter)
-        entries[key] = {"__meta__": meta, **{f: np.asarray(arrays[f]) for f in FIELDS}}
+        entries[key] = entry
         _write(self.path, entries)
         self._entries = entries
+
+
+def _compact(a: np.ndarray) -> np.ndarray:
+    """Class indices fit int16: a third of the file's size (read back as int64)."""
+    if a.dtype.kind == "i" and (a.size == 0 or int(np.abs(a).max()) < 2 ** 15):
+        return a.astype(np.int16)
+    return a
+
+
+def _holds(path: Path, key: str) -> bool:
+    with zipfile.ZipFile(path) as zf:
+        return f"{key}/__meta__.npy" in zf.namelist()
+
+
+def _append(path: Path, key: str, entry: Dict[str, Any]) -> None:
+    """Write one entry's members into the existing archive, as ``np.savez_compressed`` would."""
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+        for field, value in entry.items():
+            arr = np.array(json.dumps(value, sort_keys=True)) if field == "__meta__" else _compact(value)
+            with zf.open(f"{key}/{field}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
 
 
 def _read(path: Path) -> Dict[str, Dict[str, Any]]:
@@ -137,8 +170,11 @@ def _read(path: Path) -> Dict[str, Dict[str, Any]]:
                     if name != "__meta__":
                         key, field = name.split("/", 1)
                         value = z[name]
-                        out.setdefault(key, {})[field] = (json.loads(str(value))
-                                                          if field == "__meta__" else value)
+                        if field == "__meta__":
+                            value = json.loads(str(value))
+                        elif value.dtype.kind == "i":  # stored compact (int16), used as int64
+                            value = value.astype(np.int64)
+                        out.setdefault(key, {})[field] = value
     except (OSError, KeyError, EOFError, ValueError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is not a readable result store ({e}); rebuild it with "
                          f"`{REBUILD_COMMAND}`") from e
@@ -154,7 +190,7 @@ def _write(path: Path, entries: Dict[str, Dict[str, Any]]) -> None:
     for key in sorted(entries):
         for field, value in entries[key].items():
             arrays[f"{key}/{field}"] = (np.array(json.dumps(value, sort_keys=True))
-                                        if field == "__meta__" else value)
+                                        if field == "__meta__" else _compact(value))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".npz", dir=path.parent)
     try:
@@ -266,25 +302,54 @@ def _verify(entries, n_photos, seed, kl_tol, keys, progress) -> Tuple[int, List[
             finally:
                 unpatch(model)
         got = per_image_metrics(logits, dense, labels)._arrays()
-        bad_fields, bad_photos, kl_err = [], set(), 0.0
-        for f in FIELDS:
-            want, have = entries[key][f][idx], np.asarray(got[f])
-            if f in ("kl", "confidence"):
-                err = np.abs(want - have)
-                kl_err = max(kl_err, float(err.max())) if f == "kl" else kl_err
-                rows = np.flatnonzero(err > kl_tol)
-            else:
-                rows = np.flatnonzero((want != have).reshape(len(idx), -1).any(axis=1))
-            if len(rows):
-                bad_fields.append(f)
-                bad_photos.update(sub[i] for i in rows)
-        if bad_fields:
-            mismatches.append(StoreMismatch(key, str(meta.get("label")),
-                                            sorted(bad_photos), bad_fields, kl_err))
+        m = _mismatch(key, meta, {f: entries[key][f][idx] for f in FIELDS}, got, sub, kl_tol)
+        if m is not None:
+            mismatches.append(m)
         if progress:
-            print(f"{'FAIL' if bad_fields else 'ok  '} {meta.get('label')} {cfg.get('method', '')} "
+            print(f"{'FAIL' if m is not None else 'ok  '} {meta.get('label')} {cfg.get('method', '')} "
                   f"r={cfg.get('r', 0)}", file=sys.stderr)
     return len(keys), mismatches
+
+
+def _mismatch(key: str, meta: Dict[str, Any], want: Dict[str, np.ndarray], have: Dict[str, Any],
+              photos: Sequence[str], kl_tol: float) -> Optional[StoreMismatch]:
+    """Compare one entry's per-photo arrays: exact for predictions, top-5, correctness and
+    agreement; within ``kl_tol`` for KL and confidence. None when they match."""
+    bad_fields, bad_photos, kl_err = [], set(), 0.0
+    for f in FIELDS:
+        a, b = np.asarray(want[f]), np.asarray(have[f])
+        if f in ("kl", "confidence"):
+            err = np.abs(a - b)
+            kl_err = max(kl_err, float(err.max(initial=0.0))) if f == "kl" else kl_err
+            rows = np.flatnonzero(err > kl_tol)
+        else:
+            rows = np.flatnonzero((a != b).reshape(len(photos), -1).any(axis=1))
+        if len(rows):
+            bad_fields.append(f)
+            bad_photos.update(photos[i] for i in rows)
+    if not bad_fields:
+        return None
+    return StoreMismatch(key, str(meta.get("label")), sorted(bad_photos), bad_fields, kl_err)
+
+
+def diff(a: os.PathLike | str, b: os.PathLike | str,
+         kl_tol: float = 1e-6) -> Tuple[int, List[StoreMismatch], List[str], List[str]]:
+    """Compare two stores entry by entry, on every photo (e.g. the shipped file against one
+    rebuilt on a GPU). Returns (entries in both, mismatches, keys only in ``a``, keys only in
+    ``b``); an entry whose photos differ counts as a mismatch of every field."""
+    ea, eb = ResultStore(a).entries(), ResultStore(b).entries()
+    mismatches = []
+    for key in sorted(set(ea) & set(eb)):
+        meta = ea[key]["__meta__"]
+        photos = meta.get("photos") or [str(i) for i in range(len(ea[key]["pred"]))]
+        if eb[key]["__meta__"].get("photos") != meta.get("photos"):
+            mismatches.append(StoreMismatch(key, str(meta.get("label")), list(photos), list(FIELDS),
+                                            float("nan")))
+            continue
+        m = _mismatch(key, meta, ea[key], eb[key], photos, kl_tol)
+        if m is not None:
+            mismatches.append(m)
+    return (len(set(ea) & set(eb)), mismatches, sorted(set(ea) - set(eb)), sorted(set(eb) - set(ea)))
 
 
 # --------------------------------------------------------------------------- rebuild
@@ -332,11 +397,21 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     vf.add_argument("--path", default=str(BOOK_STORE))
     vf.add_argument("--photos", type=int, default=8)
     vf.add_argument("--seed", type=int, default=0)
+    df = sub.add_parser("diff", help="compare two stores on every photo (e.g. shipped vs rebuilt)")
+    df.add_argument("a")
+    df.add_argument("b")
     args = p.parse_args(argv)
     if args.cmd == "rebuild":
         nbs = args.notebooks or sorted(str(x) for x in Path("book").glob("0[3-5]_*.ipynb"))
         print(f"rebuilt {rebuild(nbs, args.out)}")
         return 0
+    if args.cmd == "diff":
+        common, bad, only_a, only_b = diff(args.a, args.b)
+        print(f"{common} entries in both: {len(bad)} differ; {len(only_a)} only in {args.a}, "
+              f"{len(only_b)} only in {args.b}")
+        for m in bad:
+            print(f"  {m}")
+        return 1 if bad or only_a or only_b else 0
     checked, bad = verify(args.path, args.photos, args.seed, progress=True)
     print(f"{checked} entries checked on {args.photos} photos each "
           f"({platform.machine()}, torch {torch.__version__}): {len(bad)} differ")

@@ -348,3 +348,13 @@ def test_plot_tokens_per_block_draws_each_schedule_and_shades_the_phases(ax):
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels[:2] == [f"ToMe: {tome.macs / 1e9:.3f} GMACs", f"DSM: {dsm.macs / 1e9:.3f} GMACs"]
     assert labels[2:] == ["DSM: delay: no merging", "DSM: local (windows)", "DSM: global"]
+
+
+def test_curve_colors_methods_then_given_then_unused_spares():
+    from dsm_lite.plots import METHOD_COLORS, OTHER_COLORS, curve_colors
+    got = curve_colors(["DSM", "w14", "ToMe", "paper", "w14", "extra"], {"paper": OTHER_COLORS[0]})
+    assert got["DSM"] == METHOD_COLORS["DSM"] and got["ToMe"] == METHOD_COLORS["ToMe"]
+    assert got["paper"] == OTHER_COLORS[0]
+    # spares skip the colour a named curve already has, and go in order
+    assert (got["w14"], got["extra"]) == OTHER_COLORS[1:3]
+    assert list(got) == ["DSM", "w14", "ToMe", "paper", "extra"]

@@ -109,6 +109,51 @@ def test_extend_serves_what_it_has_and_records_the_rest(vit, photos, tmp_path):
     assert count.n == 0
 
 
+def test_put_appends_new_keys_and_rewrites_a_replaced_one(tmp_path):
+    path = tmp_path / "store.npz"
+    rng = np.random.default_rng(0)
+
+    def arrays(n):
+        pred = rng.integers(0, 1000, n)
+        return dict(pred=pred, top5=rng.integers(0, 1000, (n, 5)), correct1=pred < 500,
+                    correct5=pred < 900, agree=pred % 2 == 0, kl=rng.random(n), confidence=rng.random(n))
+
+    rec = st.ResultStore(path, mode="record")
+    want = {k: arrays(7) for k in ("a", "b", "c")}
+    for k, a in want.items():
+        rec.put(k, a, dict(label=k))
+    size = path.stat().st_size
+    rec.put("b", want["b"], dict(label="b again"))  # replacing: one rewrite, no duplicate members
+    assert abs(path.stat().st_size - size) < 100
+    got = st.ResultStore(path).entries()
+    assert sorted(got) == ["a", "b", "c"] and got["b"]["__meta__"]["label"] == "b again"
+    for k, a in want.items():
+        for f in st.FIELDS:
+            assert got[k][f].dtype == np.asarray(a[f]).dtype  # class indices come back as int64
+            np.testing.assert_array_equal(got[k][f], a[f])
+
+
+def test_diff_finds_a_changed_prediction_and_missing_entries(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 6
+    pred = rng.integers(0, 1000, n)
+    arrays = dict(pred=pred, top5=rng.integers(0, 1000, (n, 5)), correct1=pred < 500,
+                  correct5=pred < 900, agree=pred % 2 == 0, kl=rng.random(n), confidence=rng.random(n))
+    meta = dict(label="x", photos=[f"imagenet-sample/p{i}.JPEG" for i in range(n)])
+    a, b = st.ResultStore(tmp_path / "a.npz", "record"), st.ResultStore(tmp_path / "b.npz", "record")
+    for k in ("k1", "k2"):
+        a.put(k, arrays, meta)
+    assert st.diff(a.path, a.path) == (2, [], [], [])
+    changed = dict(arrays, pred=arrays["pred"].copy(), kl=arrays["kl"] + 5e-7)  # KL within tolerance
+    changed["pred"][3] += 1
+    b.put("k1", changed, meta)
+    b.put("k3", arrays, meta)
+    common, bad, only_a, only_b = st.diff(a.path, b.path)
+    assert (common, only_a, only_b) == (1, ["k2"], ["k3"])
+    assert len(bad) == 1 and bad[0].fields == ["pred"] and bad[0].photos == ["imagenet-sample/p3.JPEG"]
+    assert st._main(["diff", str(a.path), str(b.path)]) == 1
+
+
 @pytest.mark.parametrize("change", ["config", "photos", "labels", "weights", "dtype"])
 def test_keys_change_with_everything_that_changes_a_result(vit, photos, tmp_path, change):
     path = tmp_path / "store.npz"
