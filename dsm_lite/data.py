@@ -39,12 +39,14 @@ class CorruptImageError(RuntimeError):
 class ImageSet:
     """A preprocessed photo set.
 
-    images: (N, 3, H, W) float32, normalised with the model's mean/std, on the CPU (the
-        package's functions move each batch to the model's device themselves).
-    labels: (N,) int64 ImageNet-1k class indices, on the CPU.
-    paths: N relative paths (``<set>/<file>``), as in the assets folder.
-    class_names: the 1000 ImageNet-1k class names (``class_names[labels[i]]``).
-    labels10 / classes10: for imagenette-val, the 10-way index (N,) and the 10 ImageNet indices.
+    Attributes:
+        images: (N, 3, H, W) float32, normalised with the model's mean/std, on the CPU (the
+            package's functions move each batch to the model's device themselves).
+        labels: (N,) int64 ImageNet-1k class indices, on the CPU.
+        paths: N relative paths (``<set>/<file>``), as in the assets folder.
+        class_names: the 1000 ImageNet-1k class names (``class_names[labels[i]]``).
+        labels10: for imagenette-val, the 10-way index (N,).
+        classes10: for imagenette-val, the 10 ImageNet indices.
     """
     name: str
     images: torch.Tensor

@@ -5,12 +5,12 @@ removed): token ``i`` of an ``h x w`` grid is at row ``i // w``, column ``i % w`
 """
 from __future__ import annotations
 
-from typing import Any, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["patch_coords", "group_contiguity"]
+__all__ = ["patch_coords", "group_contiguity", "group_sizes"]
 
 
 def patch_coords(index: Union[int, torch.Tensor], grid_size: Tuple[int, int]) -> Tuple[Any, Any]:
@@ -74,3 +74,27 @@ def group_contiguity(groups: Tensor) -> Tuple[Tensor, Tensor]:
     share = (connected & merged).sum(1).double() / count          # 0/0 -> NaN: no merged group
     spread = torch.where(merged, box / size.clamp_min(1), 0.0).sum(1).double() / count
     return share, spread
+
+
+def group_sizes(groups: Tensor, counted: Optional[Tensor] = None) -> Tensor:
+    """Patches in the group of each patch: (B, h, w) group indices -> (B, h, w) long sizes on
+    the same device (1 for a patch that was never merged).
+
+    ``counted``: a bool mask of the patches to count, (h, w) or (B, h, w) (default: all), e.g.
+    the patches *other* than the attention sinks, to ask whether a sink was merged with one of
+    them. Indices must lie in ``[0, h * w)``, as :func:`dsm_lite.trace_sources` gives them.
+    """
+    if groups.dim() != 3:
+        raise ValueError(f"groups must be (B, h, w), got shape {tuple(groups.shape)}")
+    b, h, w = groups.shape
+    flat = groups.reshape(b, h * w).long()
+    if flat.numel() and (flat.min() < 0 or flat.max() >= h * w):
+        raise ValueError(f"group indices must lie in [0, {h * w})")
+    offset = flat + torch.arange(b, device=flat.device)[:, None] * (h * w)  # one bin range per photo
+    weights = None
+    if counted is not None:
+        if counted.shape[-2:] != (h, w) or counted.dim() not in (2, 3):
+            raise ValueError(f"counted must be (h, w) or (B, h, w) = {(b, h, w)}, got {tuple(counted.shape)}")
+        weights = counted.to(flat.device, torch.float64).expand(b, h, w).reshape(-1)
+    counts = torch.bincount(offset.flatten(), weights=weights, minlength=b * h * w)
+    return counts.round().long()[offset].reshape(b, h, w)

@@ -31,7 +31,7 @@ def count_macs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224
     so does integer index arithmetic, which torchprofile would otherwise count as
     multiplies.
 
-    The traced input, one (1, *input_size) image of zeros, is made on the model's device in
+    The traced input, one ``(1, *input_size)`` image of zeros, is made on the model's device in
     its dtype, so the count runs wherever the model is.
     """
     param = next(model.parameters())

@@ -72,7 +72,7 @@ class _Prepared:
                                                   num_prefix)
 
 __all__ = ["MergeState", "patch", "unpatch", "is_patched", "patch_settings", "schedule", "attention_bias", "attention_qkv",
-           "trace_sources", "SUPPORTED_POOLS"]
+           "trace_sources", "trace_sources_per_block", "SUPPORTED_POOLS"]
 
 SUPPORTED_POOLS = ("token", "avg", "")
 _HALF = (torch.float16, torch.bfloat16)
@@ -519,12 +519,42 @@ def trace_sources(model: nn.Module, images: Tensor,
     finally:
         st.trace_source = old
         hook.remove()
+    return logits.cpu(), _groups(seen.get("source"), st, images.shape[0], logits.device)
+
+
+@torch.no_grad()
+def trace_sources_per_block(model: nn.Module, images: Tensor) -> Tuple[Tensor, Tensor]:
+    """Like :func:`trace_sources`, with the groups read right after *every* block, in one pass.
+
+    Returns:
+        ``logits`` (B, K) and ``groups`` (L, B, h, w) long, both on the CPU: ``groups[l]`` is
+        what ``trace_sources(model, images, after_block=l)[1]`` gives.
+    """
+    if not is_patched(model):
+        raise ValueError("trace_sources_per_block needs a model patched by dsm_lite.patch")
+    st: MergeState = model._dsm_state
+    seen: dict = {}
+    hooks = [blk.register_forward_hook(
+        lambda *_, i=i: seen.__setitem__(i, None if st.source is None else st.source.clone()))
+        for i, blk in enumerate(model.blocks)]
+    old, st.trace_source = st.trace_source, True
+    try:
+        logits = model(to_model(model, images))
+    finally:
+        st.trace_source = old
+        for hook in hooks:
+            hook.remove()
     b = images.shape[0]
+    groups = torch.stack([_groups(seen[i], st, b, logits.device) for i in range(len(model.blocks))])
+    return logits.cpu(), groups
+
+
+def _groups(source: Optional[Tensor], st: "MergeState", b: int, device) -> Tensor:
+    """(B, h, w) CPU group index per patch from a source map (B, N, N0), None: nothing merged."""
     h, w = st.grid
     p = st.num_prefix
-    source = seen.get("source")
     if source is None:  # nothing merged yet: every patch is its own group
-        groups = torch.arange(h * w, device=logits.device).expand(b, -1)
+        groups = torch.arange(h * w, device=device).expand(b, -1)
     else:
         groups = source[:, p:, p:].argmax(dim=1)
-    return logits.cpu(), groups.reshape(b, h, w).cpu()
+    return groups.reshape(b, h, w).cpu()

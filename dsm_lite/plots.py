@@ -37,6 +37,8 @@ __all__ = [
     "METHOD_COLORS",
     "OTHER_COLORS",
     "curve_colors",
+    "draw_merging_block",
+    "draw_phases",
     "PHASE_COLORS",
     "plot_tokens_per_block",
     "draw_import_graph",
@@ -462,4 +464,59 @@ def plot_tokens_per_block(ax, schedules: Dict[str, Any], shade: Optional[str] = 
     ax.set_ylabel("tokens (class token included)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return ax
+
+
+def draw_merging_block(ax):
+    """One transformer block as a token-merging method runs it, bottom to top: merging sits
+    between the attention (whose keys give the similarity) and the MLP, as in ToMe.
+
+    Returns the axes.
+    """
+    steps = [("tokens in: N", "white"), ("LayerNorm", "0.92"),
+             ("attention (+ log size bias)", "0.92"), ("+ residual", "white"),
+             ("merge r pairs, most similar keys", "#f4c7c3"),
+             ("LayerNorm", "0.92"), ("MLP", "0.92"), ("+ residual", "white"),
+             ("tokens out: N - r", "white")]
+    for y, (text, fc) in enumerate(steps):
+        ax.text(0.5, y, text, ha="center", va="center", fontsize=9,
+                bbox=dict(boxstyle="round,pad=0.3", fc=fc, ec="0.3"))
+        if y:
+            ax.annotate("", xy=(0.5, y - 0.3), xytext=(0.5, y - 0.7),
+                        arrowprops=dict(arrowstyle="->", color="0.4", lw=1))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.6, len(steps) - 0.4)
+    ax.axis("off")
+    ax.set_title("inside one block: merging (red) is the only new step", fontsize=10)
+    return ax
+
+
+def draw_phases(ax, schedule, label: str = "DSM"):
+    """The blocks of a schedule in a row, shaded by phase (:data:`PHASE_COLORS`: no merging,
+    local, global), each with the tokens entering it and the tokens it removes.
+
+    Args:
+        schedule: a :class:`dsm_lite.Schedule`.
+        label: the method's name, for the title.
+    Returns the axes.
+    """
+    for b in schedule.blocks:
+        ax.add_patch(Rectangle((b.index + 0.05, 0), 0.9, 1, fc=PHASE_COLORS[b.mode], alpha=0.45,
+                               ec="0.3"))
+        ax.text(b.index + 0.5, 0.62, str(b.tokens_in), ha="center", va="center", fontsize=9)
+        ax.text(b.index + 0.5, 0.3, f"-{b.r}" if b.r else "0", ha="center", va="center", fontsize=8,
+                color="tab:red" if b.r else "0.3")
+    depth = len(schedule.blocks)
+    ax.set_xlim(0, depth)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xticks(np.arange(depth) + 0.5, [str(i) for i in range(depth)])
+    ax.set_xlabel("block l (upper number: tokens entering it; lower: tokens it removes)")
+    ax.set_yticks([])
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    modes = list(dict.fromkeys(b.mode for b in schedule.blocks))
+    ax.legend(handles=[Patch(color=PHASE_COLORS[m], alpha=0.45, label=PHASE_NAMES[m]) for m in modes],
+              fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=len(modes), frameon=False)
+    ax.set_title(f"{label}, r = {schedule.options.get('r')}: the three phases over the "
+                 f"{depth} blocks ({schedule.macs / 1e9:.3f} GMACs)", fontsize=10)
     return ax

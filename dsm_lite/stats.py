@@ -8,7 +8,7 @@ Shapes: ``N`` photos (the resampled axis), ``k`` comparisons, ``B`` bootstrap re
 - :func:`wilson_ci`: the Wilson score interval of a rate.
 - :func:`percentile_band`: median with a percentile band (spread over photos, not uncertainty).
 - :func:`paired_pvalue`, :func:`holm`, :func:`simultaneous_band`: a family of comparisons,
-  corrected for multiplicity (Holm's step-down, or a max-|t| band over all of them at once).
+  corrected for multiplicity (Holm's step-down, or a max-``|t|`` band over all of them at once).
 - :func:`verdict`: what an interval says about a claim.
 
 Every function computes in float64 with the library of its input: NumPy arrays (and lists)
@@ -302,7 +302,7 @@ def holm(pvalues, alpha: float = 0.05) -> Tuple[np.ndarray, np.ndarray]:
 def simultaneous_band(diffs, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> BootstrapCI:
     """Intervals for ``k`` mean differences that hold *together* with probability ``level``.
 
-    Max-|t| bootstrap: photos are resampled jointly for all columns (B resamples); each
+    Max-``|t|`` bootstrap: photos are resampled jointly for all columns (B resamples); each
     column's resampled means give its standard error ``se``; the ``level`` quantile ``c`` of
     ``max over columns of |mean* - mean| / se`` widens every interval to ``mean ± c * se``.
     The band is narrower than Bonferroni's when the comparisons are correlated (neighbouring

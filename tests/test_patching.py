@@ -482,6 +482,23 @@ def test_trace_sources_after_block():
         dsm_lite.trace_sources(model, x)
 
 
+def test_trace_sources_per_block_equals_one_trace_per_block():
+    from dsm_lite.patching import trace_sources_per_block
+    model = small_vit(seed=0)
+    x = images(2)
+    for method, kw in (("dsm", dict(delay=1, window=3)), ("tome", {})):
+        patch(model, method, r=6, **kw)
+        logits, groups = trace_sources_per_block(model, x)
+        assert groups.shape == (len(model.blocks), 2, *model.patch_embed.grid_size)
+        for k in range(len(model.blocks)):
+            out, want = dsm_lite.trace_sources(model, x, after_block=k)
+            assert torch.equal(out, logits) and torch.equal(groups[k], want)
+        assert model._dsm_state.trace_source is False  # restored
+    unpatch(model)
+    with pytest.raises(ValueError, match="patched"):
+        trace_sources_per_block(model, x)
+
+
 # --------------------------------------------------------------------------- features, pruning
 def test_random_feature_is_deterministic():
     model = small_vit(seed=0)

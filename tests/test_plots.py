@@ -358,3 +358,21 @@ def test_curve_colors_methods_then_given_then_unused_spares():
     # spares skip the colour a named curve already has, and go in order
     assert (got["w14"], got["extra"]) == OTHER_COLORS[1:3]
     assert list(got) == ["DSM", "w14", "ToMe", "paper", "extra"]
+
+
+def test_draw_phases_one_box_per_block_with_its_tokens(ax):
+    from dsm_lite.plots import draw_merging_block, draw_phases
+    from dsm_lite.schedules import ModelShape, plan
+    shape = ModelShape(depth=12, dim=192, heads=3, head_dim=64, mlp_hidden=768, grid=(14, 14),
+                       patch=(16, 16), in_chans=3, num_prefix=1, num_classes=1000)
+    s = plan(shape, "dsm", 16)
+    draw_phases(ax, s)
+    boxes = [p for p in ax.patches]
+    assert len(boxes) == 12
+    texts = [t.get_text() for t in ax.texts]
+    assert texts[0::2] == [str(b.tokens_in) for b in s.blocks]
+    assert texts[1::2] == [f"-{b.r}" if b.r else "0" for b in s.blocks]
+    fig2, ax2 = plt.subplots()
+    draw_merging_block(ax2)
+    assert any("merge" in t.get_text() for t in ax2.texts)
+    plt.close(fig2)
