@@ -277,18 +277,20 @@ def merge_overlay(image, groups, patch_size: int, alpha: float = 0.55, seed: int
 
 
 def show_merges(images, groups, patch_size: int, titles: Sequence[str], row_labels: Optional[Sequence[str]] = None,
-                windows: Optional[Sequence[Optional[int]]] = None, size: float = 2.6):
+                windows: Optional[Sequence[Optional[int]]] = None, size: float = 2.6, transpose: bool = False):
     """A grid of merge overlays: ``groups[row][col]`` over ``images[col]``.
 
     ``windows[row]`` (patches, or None) draws that row's window borders in red, e.g. the
-    windows of the first local block of spatial merging or DSM.
+    windows of the first local block of spatial merging or DSM. ``transpose`` lays each
+    ``groups`` row out as a column instead (photos down, rows across): wide rather than tall,
+    for many rows of few photos.
     """
-
     rows, cols = len(groups), len(groups[0])
-    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False)
+    shape = (cols, rows) if transpose else (rows, cols)
+    fig, axes = plt.subplots(*shape, figsize=(size * shape[1], size * shape[0]), squeeze=False)
     for i in range(rows):
         for j in range(cols):
-            ax = axes[i][j]
+            ax = axes[j][i] if transpose else axes[i][j]
             over = merge_overlay(images[j], groups[i][j], patch_size)
             ax.imshow(over)
             window = windows[i] if windows is not None else None
@@ -299,10 +301,17 @@ def show_merges(images, groups, patch_size: int, titles: Sequence[str], row_labe
                 for k in range(step, over.shape[1], step):
                     ax.axvline(k - 0.5, color="red", lw=1.5)
             ax.set_xticks([]), ax.set_yticks([])
-            if i == 0:
-                ax.set_title(titles[j], fontsize=9)
-            if row_labels is not None and j == 0:
-                ax.set_ylabel(row_labels[i], fontsize=9)
+            photo_label, row_label = titles[j], None if row_labels is None else row_labels[i]
+            if transpose:
+                if j == 0 and row_label is not None:
+                    ax.set_title(row_label, fontsize=9)
+                if i == 0:
+                    ax.set_ylabel(photo_label, fontsize=9)
+            else:
+                if i == 0:
+                    ax.set_title(photo_label, fontsize=9)
+                if row_label is not None and j == 0:
+                    ax.set_ylabel(row_label, fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -479,7 +488,7 @@ def draw_merging_block(ax):
              ("LayerNorm", "0.92"), ("MLP", "0.92"), ("+ residual", "white"),
              ("tokens out: N - r", "white")]
     for y, (text, fc) in enumerate(steps):
-        ax.text(0.5, y, text, ha="center", va="center", fontsize=9,
+        ax.text(0.5, y, text, ha="center", va="center", fontsize=10,
                 bbox=dict(boxstyle="round,pad=0.3", fc=fc, ec="0.3"))
         if y:
             ax.annotate("", xy=(0.5, y - 0.3), xytext=(0.5, y - 0.7),
@@ -503,8 +512,8 @@ def draw_phases(ax, schedule, label: str = "DSM"):
     for b in schedule.blocks:
         ax.add_patch(Rectangle((b.index + 0.05, 0), 0.9, 1, fc=PHASE_COLORS[b.mode], alpha=0.45,
                                ec="0.3"))
-        ax.text(b.index + 0.5, 0.62, str(b.tokens_in), ha="center", va="center", fontsize=9)
-        ax.text(b.index + 0.5, 0.3, f"-{b.r}" if b.r else "0", ha="center", va="center", fontsize=8,
+        ax.text(b.index + 0.5, 0.62, str(b.tokens_in), ha="center", va="center", fontsize=10)
+        ax.text(b.index + 0.5, 0.3, f"-{b.r}" if b.r else "0", ha="center", va="center", fontsize=10,
                 color="tab:red" if b.r else "0.3")
     depth = len(schedule.blocks)
     ax.set_xlim(0, depth)

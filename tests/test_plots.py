@@ -309,6 +309,22 @@ def test_show_merges_grid_overlays_and_window_lines():
     assert [a.get_title() for a in axes[0]] == ["p", "q"] and [a.get_ylabel() for a in axes[:, 0]] == ["tome", "dsm"]
 
 
+def test_show_merges_transposed_puts_photos_down_and_rows_across():
+    rng = np.random.default_rng(3)
+    imgs = [rng.random((8, 8, 3)), rng.random((8, 8, 3))]
+    groups = [[(np.arange(16).reshape(4, 4) // (k + 1)).tolist()] * 2 for k in range(3)]  # 3 rows x 2 photos
+    fig = plots.show_merges(imgs, groups, 2, titles=["p", "q"], row_labels=["a", "b", "c"],
+                            windows=[None, None, 2], transpose=True)
+    axes = np.array(fig.axes).reshape(2, 3)  # photos down, rows across
+    for i in range(3):
+        for j in range(2):
+            (im,) = axes[j, i].get_images()
+            np.testing.assert_allclose(im.get_array(), reference_overlay(imgs[j], groups[i][j], 2), atol=1e-12)
+    assert [a.get_title() for a in axes[0]] == ["a", "b", "c"] and [a.get_ylabel() for a in axes[:, 0]] == ["p", "q"]
+    assert axes[1, 2].get_lines() and not axes[1, 1].get_lines()  # the window goes with its row
+    plt.close(fig)
+
+
 def test_plot_tradeoff_colours_each_method_the_same_everywhere(ax):
     import pandas as pd
 
