@@ -4,7 +4,8 @@
 #   2. the sweeps of chapters 3-5 recomputed on every photo (`python -m dsm_lite.store rebuild`
 #      into OUT/book.npz) and compared, photo by photo, with the shipped dsm_lite/results/book.npz;
 #   3. benchmarks/throughput.py for ViT-Ti, DeiT-S and ViT-B (random weights: timing does not
-#      depend on them), eager, at batch 1, 32 and 256, under fp16 autocast on a GPU;
+#      depend on them), eager, at batch 1, 32 and 256, under fp16 autocast on a GPU, then the
+#      same replayed as CUDA graphs (--cuda-graph);
 #   4. a short report (device, versions, nbval and store verdicts, where the tables are).
 #
 # Usage:
@@ -74,6 +75,12 @@ if [ "$BENCH" = 1 ]; then
   python benchmarks/throughput.py --device "$DEVICE" "${AMP[@]}" --models "${MODELS[@]}" \
     --batch-sizes "${BATCHES[@]}" "${RUNS[@]}" 2>&1 | tee "$OUT/throughput.txt"
   bench_rc=${PIPESTATUS[0]}
+  if [ "$DEVICE" = cuda ] && [ "$bench_rc" = 0 ]; then
+    # eager GPU runs are host-bound at small batch: the same configurations replayed as CUDA graphs
+    python benchmarks/throughput.py --device cuda "${AMP[@]}" --cuda-graph --no-profile --models "${MODELS[@]}" \
+      --batch-sizes "${BATCHES[@]}" "${RUNS[@]}" 2>&1 | tee "$OUT/throughput-cudagraph.txt"
+    bench_rc=${PIPESTATUS[0]}
+  fi
 fi
 
 {

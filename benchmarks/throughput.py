@@ -19,7 +19,11 @@ transformer's own work and the merging overhead (similarity and matching, sorts,
 and scatters), so one can see where any shortfall goes.
 
 ``--compile`` times ``torch.compile``-d dense, merged and oracle models instead (each
-configuration compiled once per batch size, ``fullgraph=True``); ``--amp fp16|bf16`` runs
+configuration compiled once per batch size, ``fullgraph=True``, ``--compile-mode`` as in
+``torch.compile``: ``reduce-overhead`` adds CUDA graphs on a GPU); ``--cuda-graph`` (GPU only)
+captures each eager configuration once per batch size as a CUDA graph
+(``dsm_lite.measure.CudaGraphed``) and times its replay, which removes the host's cost of
+issuing many small ops, the limit of eager GPU runs at small batch; ``--amp fp16|bf16`` runs
 everything under ``torch.autocast``; ``--device cuda`` on a GPU (inputs made on the device,
 the device synchronised around every timed run, CUDA time in the profile).
 
@@ -46,7 +50,7 @@ import timm
 import torch
 
 import dsm_lite
-from dsm_lite.measure import TruncationOracle, time_breakdown
+from dsm_lite.measure import CudaGraphed, TruncationOracle, time_breakdown
 
 
 def build(name: str, device: torch.device) -> torch.nn.Module:
@@ -86,11 +90,11 @@ class Autocast(torch.nn.Module):
 Config = Tuple[str, str, int]  # (kind: dense/merged/oracle, method, r)
 
 
-def configurations(methods: List[str], rs: List[int]) -> List[Config]:
+def configurations(methods: List[str], rs: List[int], oracle: bool = True) -> List[Config]:
     configs: List[Config] = [("dense", "-", 0)]
     for method in methods:
         for r in rs:
-            configs += [("merged", method, r), ("oracle", method, r)]
+            configs += [("merged", method, r)] + ([("oracle", method, r)] if oracle else [])
     return configs
 
 
@@ -108,7 +112,7 @@ def instantiate(base: torch.nn.Module, config: Config) -> torch.nn.Module:
 def run_model(name: str, args, device: torch.device) -> None:
     base = build(name, device)
     size = (3,) + tuple(base.patch_embed.img_size)
-    configs = configurations(args.methods, args.r)
+    configs = configurations(args.methods, args.r, oracle=not args.no_oracle)
     macs = [dsm_lite.schedule(base, "tome", 0).macs if kind == "dense" else dsm_lite.schedule(base, m, r).macs
             for kind, m, r in configs]
     if args.count_macs:  # torchprofile's count, through the patched model
@@ -122,14 +126,18 @@ def run_model(name: str, args, device: torch.device) -> None:
     for batch, nruns in zip(args.batch_sizes, runs):
         fns = [Autocast(m, device, amp) for m in models]
         label = "eager"
+        if args.cuda_graph:
+            label = "eager, CUDA graph"
+            x = torch.randn(batch, *size, device=device)
+            fns = [CudaGraphed(fn, x) for fn in fns]
         if args.compile:
-            label = "compiled (torch.compile, fullgraph=True)"
+            label = f"compiled (torch.compile, fullgraph=True, mode {args.compile_mode})"
             torch._dynamo.reset()
             x = torch.randn(batch, *size, device=device)
             compiled = []
             for config, fn in zip(configs, fns):
                 t0 = time.perf_counter()
-                cfn = torch.compile(fn, fullgraph=True, dynamic=False)
+                cfn = torch.compile(fn, fullgraph=True, dynamic=False, mode=args.compile_mode)
                 with torch.no_grad():
                     cfn(x)
                 print(f"  compiled {config} at batch {batch} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -155,10 +163,12 @@ def run_model(name: str, args, device: torch.device) -> None:
             speed, red = tp.mean / dense_tp, dense_macs / mc
             line = (f"{method if kind == 'merged' else 'dense':<8} {r:>3} {mc / 1e9:>7.3f} {tp.mean:>9.1f} "
                     f"{tp.std:>8.1f} {speed:>9.3f} {red:>9.3f} {speed / red:>9.3f}")
-            if kind == "merged":
+            if kind == "merged" and ("oracle", method, r) in by_config:
                 oracle = by_config[("oracle", method, r)][0].mean
                 line += f" {oracle:>12.1f} {tp.mean / oracle:>12.3f}"
                 summary[method].append((r, speed, speed / red, tp.mean / oracle))
+            elif kind == "merged":
+                summary[method].append((r, speed, speed / red, float("nan")))
             print(line)
         for method, rows in summary.items():
             big = [row for row in rows if row[0] >= 8]
@@ -190,10 +200,16 @@ def main(argv: List[str] | None = None) -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--amp", choices=sorted(AMP), default="none", help="torch.autocast dtype")
     ap.add_argument("--compile", action="store_true", help="time torch.compile-d models")
+    ap.add_argument("--compile-mode", default="default",
+                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="time CUDA-graph replays of the eager models (GPU only)")
     ap.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
     ap.add_argument("--count-macs", action="store_true",
                     help="also check the schedule's MACs against torchprofile's count")
     ap.add_argument("--no-profile", action="store_true", help="skip the time breakdown")
+    ap.add_argument("--no-oracle", action="store_true",
+                    help="skip the oracles (each compiled configuration takes minutes)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall: wall time (the paper's protocol); cpu: CPU time of the timing thread, "
                          "for a shared CPU (needs --threads 1: other threads' work is not counted)")
@@ -202,12 +218,16 @@ def main(argv: List[str] | None = None) -> None:
         ap.error("--clock cpu times the calling thread only: use it with --device cpu --threads 1")
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.cuda_graph and (device.type != "cuda" or args.compile):
+        ap.error("--cuda-graph captures eager models on a CUDA device: use it with --device cuda, "
+                 "without --compile (--compile-mode reduce-overhead is the compiled equivalent)")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"device: {machine(device)}; torch {torch.__version__}, timm {timm.__version__}; "
           f"batch sizes {args.batch_sizes}, rounds {args.runs}, warm-up {args.warmup}; amp {args.amp}; "
-          f"{'compiled' if args.compile else 'eager'}; {args.clock} clock")
+          f"{'compiled' if args.compile else 'eager'}{', CUDA graphs' if args.cuda_graph else ''}; "
+          f"{args.clock} clock")
     for name in args.models:
         run_model(name, args, device)
 

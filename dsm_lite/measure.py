@@ -18,7 +18,8 @@ from torchprofile import profile_macs
 from .devices import DeviceMismatchError, check_available, check_same_device, model_device, same_device
 
 __all__ = ["count_macs", "Throughput", "measure_throughput", "interleaved_throughput",
-           "CATEGORIES", "time_breakdown", "split_self_time", "profiler_activities", "TruncationOracle"]
+           "CATEGORIES", "time_breakdown", "split_self_time", "profiler_activities", "TruncationOracle",
+           "CudaGraphed"]
 
 
 @torch.no_grad()
@@ -242,10 +243,12 @@ def time_breakdown(model: nn.Module, x: torch.Tensor) -> Dict[str, float]:
     return split_self_time(prof.key_averages(), on_device=device.type == "cuda")
 
 
-def _plain(module: nn.Module, name: str = "forward"):
-    """``module``'s method as its original (unpatched) class defines it, bound to ``module``."""
+def _call_plain(module: nn.Module, *args, name: str = "forward"):
+    """Call ``module``'s method as its original (unpatched) class defines it. The function is
+    called with ``module`` as its first argument rather than bound with ``__get__``, which
+    torch.compile (dynamo) cannot trace in every torch version."""
     cls = getattr(type(module), "_dsm_original", type(module))
-    return getattr(cls, name).__get__(module)
+    return getattr(cls, name)(module, *args)
 
 
 class TruncationOracle(nn.Module):
@@ -284,7 +287,55 @@ class TruncationOracle(nn.Module):
         m = self.model
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
         for block, n in zip(m.blocks, self.tokens_out):
-            x = x + block.drop_path1(block.ls1(_plain(block.attn)(block.norm1(x))))
+            x = x + block.drop_path1(block.ls1(_call_plain(block.attn, block.norm1(x))))
             x = x[:, :n]
             x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-        return _plain(m, "forward_head")(m.norm(x))
+        return _call_plain(m, m.norm(x), name="forward_head")
+
+
+class CudaGraphed:
+    """``fn`` on one fixed-shape batch, captured once as a CUDA graph and replayed.
+
+    At small batch sizes a GPU forward pass is bound by the host: every op costs the
+    Python interpreter, the dispatcher and a kernel launch, whatever its size, and merging
+    adds a few dozen small ops per block. A CUDA graph records the kernels of one forward
+    pass and replays them with a single launch, so only the kernels' own time is left. The
+    merging engine is free of host synchronisation and of data-dependent shapes (r is fixed
+    per block), so a patched model can be captured as it is.
+
+    Calls copy the batch into the captured input and return the captured output tensor,
+    which the next call overwrites (clone it to keep it).
+
+    Args:
+        fn: a module or callable on (B, 3, H, W) images, on a CUDA device.
+        example: a batch of the shape and dtype every later call will pass.
+        warmup: untimed calls on a side stream before the capture (kernel selection, the
+            patched model's per-shape caches).
+
+    Raises:
+        ValueError: ``example`` is not on a CUDA device.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor,
+                 warmup: int = 3) -> None:
+        if example.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA batch; got one on {example.device}")
+        self.fn = fn
+        self.static_input = example.clone()
+        stream = torch.cuda.Stream(example.device)
+        stream.wait_stream(torch.cuda.current_stream(example.device))
+        with torch.no_grad(), torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn(self.static_input)
+        torch.cuda.current_stream(example.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self.static_output = fn(self.static_input)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape != self.static_input.shape:
+            raise ValueError(f"this graph was captured for a batch of shape "
+                             f"{tuple(self.static_input.shape)}, got {tuple(x.shape)}")
+        self.static_input.copy_(x)
+        self.graph.replay()
+        return self.static_output

@@ -72,7 +72,7 @@ class _Prepared:
                                                   num_prefix)
 
 __all__ = ["MergeState", "patch", "unpatch", "is_patched", "patch_settings", "schedule", "attention_bias", "attention_qkv",
-           "trace_sources", "trace_sources_per_block", "SUPPORTED_POOLS"]
+           "trace_sources", "trace_sources_per_block", "trace_windows", "SUPPORTED_POOLS"]
 
 SUPPORTED_POOLS = ("token", "avg", "")
 _HALF = (torch.float16, torch.bfloat16)
@@ -513,12 +513,7 @@ def trace_sources(model: nn.Module, images: Tensor,
         raise ValueError(f"after_block must be in [0, {depth}), got {after_block}")
     seen = {}
     hook = model.blocks[last].register_forward_hook(lambda *_: seen.update(source=st.source))
-    old, st.trace_source = st.trace_source, True
-    try:
-        logits = model(to_model(model, images))
-    finally:
-        st.trace_source = old
-        hook.remove()
+    logits = _forward_tracing(model, images, [hook])
     return logits.cpu(), _groups(seen.get("source"), st, images.shape[0], logits.device)
 
 
@@ -537,16 +532,72 @@ def trace_sources_per_block(model: nn.Module, images: Tensor) -> Tuple[Tensor, T
     hooks = [blk.register_forward_hook(
         lambda *_, i=i: seen.__setitem__(i, None if st.source is None else st.source.clone()))
         for i, blk in enumerate(model.blocks)]
+    logits = _forward_tracing(model, images, hooks)
+    b = images.shape[0]
+    groups = torch.stack([_groups(seen[i], st, b, logits.device) for i in range(len(model.blocks))])
+    return logits.cpu(), groups
+
+
+@torch.no_grad()
+def trace_windows(model: nn.Module, images: Tensor) -> Dict[str, Tensor]:
+    """Where joint windows put every patch, block by block: the anchor rule made visible.
+
+    For a model patched with ``windows="joint"`` (spatial merging or DSM), reads at the input
+    of every local block which token holds each patch, that token's anchor patch, and the
+    window of the anchor, which is the window the whole token is matched in.
+
+    Returns:
+        ``blocks`` (T,) indices of the local blocks; ``window`` (T, B, h, w) window of each
+        patch's token; ``anchor`` (T, B, h, w) bool, True where the patch is its token's
+        anchor; ``groups`` (T, B, h, w) token index of each patch, as :func:`trace_sources`
+        gives it (all on the CPU).
+
+    Raises:
+        ValueError: the model is not patched, or its windows are not joint, or it has no
+            local block.
+    """
+    if not is_patched(model):
+        raise ValueError("trace_windows needs a model patched by dsm_lite.patch")
+    st: MergeState = model._dsm_state
+    if st.method not in ("spatial", "dsm") or st.options["windows"] != "joint":
+        raise ValueError("trace_windows follows anchors, which only joint windows have: patch with "
+                         "method='spatial' or 'dsm' and windows='joint'")
+    local = [b.index for b in st.schedule_for(st.grid).blocks if b.mode == "local"]
+    if not local:
+        raise ValueError("this schedule has no local block")
+    seen: dict = {}
+
+    def grab(i):
+        def hook(*_):
+            seen[i] = (st.anchors.clone(), None if st.source is None else st.source.clone())
+        return hook
+
+    hooks = [model.blocks[i].register_forward_pre_hook(grab(i)) for i in local]
+    logits = _forward_tracing(model, images, hooks)
+    b, (h, w) = images.shape[0], st.grid
+    out = {"blocks": torch.tensor(local), "window": [], "anchor": [], "groups": []}
+    for i in local:
+        anchors, source = seen[i]
+        groups = _groups(source, st, b, logits.device).view(b, -1).to(anchors.device)  # token per patch
+        anchor_of_patch = anchors.gather(1, groups)  # (B, h * w): the anchor of each patch's token
+        table = st.prepared.window_table[i].to(anchors.device)
+        out["window"].append(table[anchor_of_patch].view(b, h, w).cpu())
+        out["anchor"].append((anchor_of_patch == torch.arange(h * w, device=anchors.device)).view(b, h, w).cpu())
+        out["groups"].append(groups.view(b, h, w).cpu())
+    return {k: v if k == "blocks" else torch.stack(v) for k, v in out.items()}
+
+
+def _forward_tracing(model: nn.Module, images: Tensor, hooks: List) -> Tensor:
+    """One forward pass with source tracking on; ``hooks`` (already registered) are removed
+    afterwards, whatever happens."""
+    st: MergeState = model._dsm_state
     old, st.trace_source = st.trace_source, True
     try:
-        logits = model(to_model(model, images))
+        return model(to_model(model, images))
     finally:
         st.trace_source = old
         for hook in hooks:
             hook.remove()
-    b = images.shape[0]
-    groups = torch.stack([_groups(seen[i], st, b, logits.device) for i in range(len(model.blocks))])
-    return logits.cpu(), groups
 
 
 def _groups(source: Optional[Tensor], st: "MergeState", b: int, device) -> Tensor:

@@ -1,4 +1,9 @@
-"""Figures for the dsm_lite book (matplotlib, plain functions): figures only, no analysis.
+"""Figures for the dsm_lite book (plain functions): figures only, no analysis.
+
+One visual language, set here once: :func:`book_style` (seaborn's theme, the ``tab10``
+palette), one colour per method (:data:`METHOD_COLORS`) and per window
+(:data:`WINDOW_COLORS`). Statistical figures (bands over photos, bars with intervals) are
+drawn with seaborn; photo grids and diagrams with matplotlib.
 
 Every function draws on a given ``ax`` (or creates a figure), labels its axes
 and returns the axes / figure; none calls ``plt.show()``. Inputs are plain
@@ -12,6 +17,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
+import seaborn as sns
 import torch
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.patches import Patch, Rectangle
@@ -26,6 +33,7 @@ __all__ = [
     "plot_mean_ci",
     "plot_sim_per_block",
     "plot_delta_sim",
+    "plot_intervals",
     "plot_attention_shares",
     "plot_received_outliers_vs_rest",
     "plot_norm_ratio",
@@ -33,9 +41,12 @@ __all__ = [
     "show_grid_maps",
     "merge_overlay",
     "show_merges",
+    "show_window_rules",
+    "book_style",
     "METRIC_LABELS",
     "METHOD_COLORS",
     "OTHER_COLORS",
+    "WINDOW_COLORS",
     "curve_colors",
     "draw_merging_block",
     "draw_phases",
@@ -66,13 +77,35 @@ def band(values, low: float = 10, high: float = 90, axis: int = 0):
     return percentile_band(to_numpy(values), low, high, axis)
 
 
+def book_style() -> None:
+    """The book's figure style, for every chapter: seaborn's ``ticks`` theme in the
+    ``notebook`` context with the ``tab10`` palette (the colours of :data:`METHOD_COLORS`),
+    no top and right spines, light grids where a plot asks for them."""
+    sns.set_theme(context="notebook", style="ticks", palette="tab10", font_scale=0.9,
+                  rc={"axes.spines.top": False, "axes.spines.right": False, "grid.alpha": 0.3})
+
+
 def plot_percentile_band(ax, values, x=None, low: float = 10, high: float = 90, label=None,
                          color=None, marker="o", **kw):
-    """Median line over photos (dim 0) with a shaded [low, high] percentile band."""
-    med, lo, hi = band(values, low, high)
-    x = np.arange(len(med)) if x is None else np.asarray(x)
-    line, = ax.plot(x, med, marker=marker, label=label, color=color, **kw)
-    ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    """Median line over photos (dim 0) with a shaded [low, high] percentile band.
+
+    Drawn by ``seaborn.lineplot`` from the per-photo values in long form (estimator: the
+    median; error band: the central ``high - low`` percent of photos), so the band is the
+    spread over photos, not an interval for the median. Axis labels are left as they were.
+    """
+    v = to_numpy(values)
+    x = np.arange(v.shape[1]) if x is None else np.asarray(x, dtype=float)
+    xlabel, ylabel = ax.get_xlabel(), ax.get_ylabel()
+    if not np.isclose(low + high, 100):  # seaborn's percentile interval is central
+        med, lo, hi = band(v, low, high)
+        line, = ax.plot(x, med, marker=marker, label=label, color=color, **kw)
+        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        return ax
+    long = pd.DataFrame({"x": np.tile(x, v.shape[0]), "value": v.reshape(-1)})
+    sns.lineplot(data=long, x="x", y="value", estimator="median", errorbar=("pi", high - low),
+                 marker=marker, label=label, color=color, ax=ax, legend=False,
+                 err_kws={"alpha": 0.2, "linewidth": 0}, **kw)
+    ax.set_xlabel(xlabel), ax.set_ylabel(ylabel)
     return ax
 
 
@@ -115,8 +148,9 @@ def plot_delta_sim(ax, delta_ci: Tuple, transition: Optional[int] = None, title:
     blue: convergent, > 0) with error bars [lo, hi]."""
     mean, lo, hi = (to_numpy(v) for v in delta_ci)
     x = np.arange(len(mean))
-    colors = np.where(mean > 0, "tab:blue", "tab:red")
-    ax.bar(x, mean, color=colors, alpha=0.8)
+    sign = np.where(mean > 0, "convergent", "divergent")
+    sns.barplot(x=x, y=mean, hue=sign, palette={"convergent": "tab:blue", "divergent": "tab:red"},
+                dodge=False, errorbar=None, alpha=0.8, saturation=1, legend=False, ax=ax)
     ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], fmt="none", ecolor="k", capsize=3, lw=1)
     ax.axhline(0, color="k", lw=0.8)
     _block_axis(ax, len(mean))
@@ -127,6 +161,40 @@ def plot_delta_sim(ax, delta_ci: Tuple, transition: Optional[int] = None, title:
                        Patch(color="tab:blue", label="convergent (> 0)")], fontsize=8)
     if title:
         ax.set_title(title)
+    return ax
+
+
+def plot_intervals(ax, table, x: str, est: str, lo: str, hi: str, hue: Optional[str] = None,
+                   scale: float = 1.0, palette=None, markers: Sequence[str] = ("o", "s", "D", "^"),
+                   dodge: float = 0.3):
+    """Estimates with their (already computed) intervals, one point per row of ``table``.
+
+    Drawn by ``seaborn.pointplot``: each row is given to seaborn as its three values (``lo``,
+    ``est``, ``hi``), the median of which is the estimate and whose range is the interval, so
+    seaborn draws exactly the bootstrap intervals of :mod:`dsm_lite.stats` rather than
+    computing its own. ``x`` is categorical (in the table's order); ``hue`` groups sit side by
+    side (``dodge``).
+
+    Args:
+        table: a DataFrame with columns ``x``, ``est``, ``lo``, ``hi`` (and ``hue``).
+        scale: multiplies the values (100: shares as percentages).
+    """
+    rows = []
+    for _, row in table.iterrows():
+        for col in (lo, est, hi):
+            rows.append({x: row[x], "value": float(row[col]) * scale,
+                         **({} if hue is None else {hue: row[hue]})})
+    long = pd.DataFrame(rows)
+    n_hue = 1 if hue is None else long[hue].nunique()
+    sns.pointplot(data=long, x=x, y="value", hue=hue, estimator="median",
+                  errorbar=lambda v: (float(np.min(v)), float(np.max(v))), order=list(dict.fromkeys(table[x])),
+                  hue_order=None if hue is None else list(dict.fromkeys(table[hue])),
+                  palette=palette, markers=list(markers[:n_hue]) if hue is not None else markers[0],
+                  linestyle="none", capsize=0.12, dodge=dodge if hue is not None else False, ax=ax)
+    ax.set_ylabel("")
+    ax.grid(alpha=0.3)
+    if hue is not None:
+        ax.legend(fontsize=8)  # the groups, without seaborn's title (the column name)
     return ax
 
 
@@ -316,6 +384,54 @@ def show_merges(images, groups, patch_size: int, titles: Sequence[str], row_labe
     return fig
 
 
+def show_window_rules(images, traced: Dict[str, Any], patch_size: int, sides: Sequence[int],
+                      titles: Sequence[str], size: float = 2.4):
+    """Joint windows block by block: each patch coloured by the window its token is matched in.
+
+    A merged token is matched in the window of its *anchor* patch (a dot), so a group whose
+    patches straddle the red border of the block's windows still belongs to one window, and
+    windows stop being squares once tokens have merged.
+
+    Args:
+        images: (B, 3, H, W) photos (normalised).
+        traced: what :func:`dsm_lite.patching.trace_windows` returns for ``images``.
+        patch_size: pixels per patch side.
+        sides: window side of each traced block, in patches (the red borders).
+        titles: one per photo (row labels).
+    """
+    wins, anchors, groups = (to_numpy(traced[k]).astype(np.int64) for k in ("window", "anchor", "groups"))
+    blocks, photos = wins.shape[0], wins.shape[1]
+    fig, axes = plt.subplots(photos, blocks, figsize=(size * blocks, size * photos), squeeze=False)
+    palette = np.asarray(WINDOW_COLORS)
+    for j in range(photos):
+        img = denormalize(images[j])
+        for t in range(blocks):
+            ax = axes[j][t]
+            grid = wins[t, j]
+            tint = palette[grid % len(palette)]
+            over = 0.45 * img + 0.55 * np.kron(tint, np.ones((patch_size, patch_size, 1)))
+            g = np.kron(groups[t, j], np.ones((patch_size, patch_size), dtype=np.int64))
+            edge = np.zeros(g.shape, dtype=bool)
+            edge[:, 1:] |= g[:, 1:] != g[:, :-1]
+            edge[1:, :] |= g[1:, :] != g[:-1, :]
+            over[edge] = 0.1
+            ax.imshow(np.clip(over, 0, 1))
+            ys, xs = np.nonzero(anchors[t, j] & (np.bincount(groups[t, j].ravel(), minlength=grid.size)[groups[t, j]] > 1))
+            ax.scatter((xs + 0.5) * patch_size - 0.5, (ys + 0.5) * patch_size - 0.5, s=6, c="k", linewidths=0)
+            step = sides[t] * patch_size
+            for k in range(step, img.shape[0], step):
+                ax.axhline(k - 0.5, color="red", lw=1.5)
+            for k in range(step, img.shape[1], step):
+                ax.axvline(k - 0.5, color="red", lw=1.5)
+            ax.set_xticks([]), ax.set_yticks([])
+            if j == 0:
+                ax.set_title(f"block {int(to_numpy(traced['blocks'])[t])}: {sides[t]}x{sides[t]}", fontsize=9)
+            if t == 0:
+                ax.set_ylabel(titles[j], fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 # --------------------------------------------------------------------------- plots
 #: axis labels (with units) for sweep columns
 METRIC_LABELS = {
@@ -332,6 +448,8 @@ METRIC_LABELS = {
 _PERCENT = {"top1", "top5", "agreement", "d_top1"}
 #: one colour per method in every chapter's figures
 METHOD_COLORS = {"dense": "k", "ToMe": "tab:blue", "spatial": "tab:orange", "DSM": "tab:green"}
+#: one colour per window (a qualitative palette: neighbouring windows differ)
+WINDOW_COLORS = tuple(tuple(c) for c in sns.color_palette("Set2", 8))
 #: colours for curves that are none of the methods (variants, ablations), in this order
 OTHER_COLORS = ("tab:purple", "tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 

@@ -233,7 +233,8 @@ def _block_macs(s: ModelShape, n_in: int, n_out: int, mode: str, windows: int,
     """MACs of one block with ``n_in`` tokens before the merge and ``n_out`` after it.
 
     Counted the way torchprofile counts timm's ops: linear layers, fused attention
-    (QK^T and AV), affine LayerNorms and elementwise multiplies (LayerScale, size weighting)
+    (QK^T and AV), affine LayerNorms and elementwise multiplies (LayerScale, the merge's
+    size-weighted pull of each moved row)
     one MAC per output element; the matching's similarity matmul and the head-average of the
     similarity feature are counted too, because they are real work added by merging.
     """
@@ -255,7 +256,7 @@ def _block_macs(s: ModelShape, n_in: int, n_out: int, mode: str, windows: int,
                 macs += windows * half * half * fd
             else:
                 macs += ((n_in + 1) // 2) * (n_in // 2) * fd
-            macs += n_in * c  # x * size before the weighted average
+            macs += (n_in - n_out) * c  # each moved row's pull towards its destination
     macs += n_out * c  # norm2
     macs += n_out * c * s.mlp_hidden * 2  # fc1 + fc2
     macs += n_out * s.mlp_hidden if s.mlp_norm else 0

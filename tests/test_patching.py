@@ -584,3 +584,45 @@ def test_prune_runs_and_drops(method):
     assert torch.equal(st.source.sum(-1), torch.ones_like(st.source.sum(-1)))
     assert torch.equal(st.source[:, 0], torch.eye(65)[0].expand(2, -1))
     assert schedule(model).local_blocks == 0
+
+
+def test_trace_windows_follows_anchors():
+    """Every patch sits in the window of its token's anchor: a group is never split between
+    windows, holds exactly one anchor, and at the first local block (nothing merged yet)
+    the windows are the raster squares."""
+    from dsm_lite.patching import trace_windows
+    from dsm_lite.windows import window_ids
+
+    model = small_vit(seed=0, depth=4)
+    grid = tuple(model.patch_embed.grid_size)
+    patch(model, "spatial", r=6, window=2, windows="joint")
+    sched = schedule(model)
+    local = [b for b in sched.blocks if b.mode == "local"]
+    assert len(local) >= 2, "the test needs merges between two local blocks"
+    images = torch.randn(3, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(0))
+    traced = trace_windows(model, images)
+    assert traced["blocks"].tolist() == [b.index for b in local]
+    positions = torch.arange(grid[0] * grid[1])
+    first = window_ids(positions[None], grid, local[0].window).view(*grid)
+    assert torch.equal(traced["window"][0], first.expand(3, *grid)) and traced["anchor"][0].all()
+    for t, step in enumerate(local):
+        win, anchor, groups = traced["window"][t], traced["anchor"][t], traced["groups"][t]
+        raster = window_ids(positions[None], grid, step.window).view(*grid)
+        for i in range(3):
+            for g in groups[i].unique():
+                members = groups[i] == g
+                assert win[i][members].unique().numel() == 1  # one window per token
+                assert anchor[i][members].sum() == 1  # one anchor per token
+                assert win[i][members & anchor[i]] == raster[members & anchor[i]]  # the anchor's window
+    assert not torch.equal(traced["groups"][-1], traced["groups"][0])  # merges did happen
+
+
+@pytest.mark.parametrize("kwargs", [dict(method="tome"), dict(method="spatial", windows="paper"), None])
+def test_trace_windows_needs_joint_windows(kwargs):
+    from dsm_lite.patching import trace_windows
+
+    model = small_vit(seed=0)
+    if kwargs is not None:
+        patch(model, r=4, **kwargs)
+    with pytest.raises(ValueError):
+        trace_windows(model, torch.randn(1, 3, *model.patch_embed.img_size))

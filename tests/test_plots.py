@@ -392,3 +392,63 @@ def test_draw_phases_one_box_per_block_with_its_tokens(ax):
     draw_merging_block(ax2)
     assert any("merge" in t.get_text() for t in ax2.texts)
     plt.close(fig2)
+
+
+def test_show_window_rules_panels_borders_and_anchor_dots():
+    b, t, h, w, p = 2, 3, 4, 4, 2
+    window = torch.zeros(t, b, h, w, dtype=torch.long)
+    window[:, :, :, 2:] = 1
+    groups = torch.arange(h * w).view(1, 1, h, w).repeat(t, b, 1, 1)
+    groups[1:, :, 0, 1] = 0  # patches 0 and 1 merged from the second block on, anchored at 0
+    anchor = groups == torch.arange(h * w).view(h, w)
+    traced = {"blocks": torch.tensor([0, 1, 2]), "window": window, "anchor": anchor, "groups": groups}
+    fig = plots.show_window_rules(torch.zeros(b, 3, h * p, w * p), traced, p, sides=[2, 2, 4],
+                                  titles=["a", "b"])
+    axes = np.asarray(fig.axes).reshape(b, t)
+    assert [ax.get_title() for ax in axes[0]] == ["block 0: 2x2", "block 1: 2x2", "block 2: 4x4"]
+    assert [ax.get_ylabel() for ax in axes[:, 0]] == ["a", "b"]
+    # red window borders every `side` patches inside the picture: 1 + 1 lines, none for side 4
+    assert len(axes[0, 0].get_lines()) == 2 and len(axes[0, 2].get_lines()) == 0
+    # a dot on each anchor of a merged group only: none before the merge, one after
+    assert len(axes[0, 0].collections[0].get_offsets()) == 0
+    np.testing.assert_allclose(axes[1, 1].collections[0].get_offsets(), [[0.5, 0.5]])
+    # each patch tinted by its window's colour
+    img = axes[0, 0].get_images()[0].get_array()
+    tint = np.asarray(plots.WINDOW_COLORS)
+    grey = 0.45 * 0.5  # a zero (normalised) photo is mid-grey
+    np.testing.assert_allclose(img[1, 1], grey + 0.55 * tint[0], atol=1e-6)  # interior pixels
+    np.testing.assert_allclose(img[1, 5], grey + 0.55 * tint[1], atol=1e-6)
+    plt.close(fig)
+
+
+def test_book_style_sets_the_palette_and_spines():
+    plots.book_style()
+    try:
+        cycle = [c["color"] for c in matplotlib.rcParams["axes.prop_cycle"]]
+        assert mcolors.to_rgb(cycle[0]) == mcolors.to_rgb(plots.METHOD_COLORS["ToMe"])
+        assert mcolors.to_rgb(cycle[1]) == mcolors.to_rgb(plots.METHOD_COLORS["spatial"])
+        assert not matplotlib.rcParams["axes.spines.top"]
+    finally:
+        matplotlib.rcdefaults()
+
+
+def test_plot_intervals_draws_the_given_intervals(ax):
+    import pandas as pd
+
+    table = pd.DataFrame({"feature": ["k", "q", "k", "q"], "metric": ["a", "a", "b", "b"],
+                          "est": [0.5, 0.6, 0.7, 0.2], "lo": [0.4, 0.55, 0.6, 0.1], "hi": [0.65, 0.7, 0.75, 0.3]})
+    plots.plot_intervals(ax, table, x="feature", est="est", lo="lo", hi="hi", hue="metric", scale=100)
+    # every interval drawn is one of the given [lo, hi] (x 100), and every given one is drawn
+    spans = set()  # seaborn draws each interval with its caps as one line, NaN-separated
+    for line in ax.get_lines():
+        xs, ys = line_xy(line)
+        if line.get_marker() in ("None", "", None) and len(ys):
+            spans.add((round(float(np.nanmin(ys)), 6), round(float(np.nanmax(ys)), 6)))
+    want = {(round(l * 100, 6), round(h * 100, 6)) for l, h in zip(table.lo, table.hi)}
+    assert want <= spans
+    # the points sit at the estimates
+    points = sorted(round(float(y), 6) for line in ax.get_lines() for y in line_xy(line)[1]
+                    if line.get_marker() not in ("None", "", None) and len(line_xy(line)[0]) >= 1)
+    for e in table.est:
+        assert round(e * 100, 6) in points
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["k", "q"]

@@ -174,3 +174,22 @@ def test_time_breakdown_shares_from_fake_profiler(monkeypatch):
     assert [r["profiled"] for r in runs] == [False, True]  # one warm-up, then one profiled pass
     assert all(not r["grad"] and r["training"] and r["x"] is x for r in runs)  # no_grad, mode kept
     assert FakeProfile.instances[0].activities == [torch.profiler.ProfilerActivity.CPU]
+
+
+def test_cuda_graph_needs_a_cuda_batch():
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA batch"):
+        measure.CudaGraphed(nn.Identity(), torch.zeros(1, 3, 8, 8))
+
+
+def test_throughput_script_refuses_cuda_graph_off_gpu(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+    spec = importlib.util.spec_from_file_location("throughput_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--cuda-graph", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "--cuda-graph captures eager models on a CUDA device" in capsys.readouterr().err
