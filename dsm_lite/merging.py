@@ -536,7 +536,9 @@ def merge_wavg(merge: Merge, x: Tensor, size: Optional[Tensor] = None) -> Tuple[
     both = x.reshape(b * n, c).index_select(0, rows)  # survivors, then moved rows
     sizes = size.reshape(b * n, 1).index_select(0, rows)
     flat, moved = both[:k], both[k:]
-    total = sizes[:k].index_add_(0, dst, sizes[k:])  # in place: the survivors' new sizes
+    # the survivors' new sizes; out of place, because index_add saves its source for the
+    # backward pass and the source is a view of the same tensor
+    total = sizes[:k].index_add(0, dst, sizes[k:])
     wide = torch.promote_types(x.dtype, size.dtype)
     share = sizes[k:] / total.index_select(0, dst)
     base = flat.index_select(0, dst)

@@ -380,3 +380,16 @@ def test_parse_r_integer_inflection_as_tome(r):
 def test_parse_r_bad_values(bad, exc):
     with pytest.raises(exc, match=r"\br\b|blocks"):
         schedules.parse_r(12, bad)
+
+
+
+def test_merge_wavg_backward_is_exact():
+    """The merge writes into views in place; its gradients must still be right: gradcheck
+    (float64, analytic against numerical) for features and sizes, on a ToMe merge and on one
+    whose destination takes two sources."""
+    x, metric, size = random_inputs(2, 9, seed=7)
+    two_into_one = Merge(torch.tensor([[2, 4], [6, 8]]), torch.tensor([[1, 1], [5, 5]]),
+                         torch.tensor([[0, 1, 3, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5, 7]]))
+    for merge in (bipartite_soft_matching(metric, 4, 1), two_into_one):
+        assert torch.autograd.gradcheck(lambda x, s: merge_wavg(merge, x, s),
+                                        (x.clone().requires_grad_(), size.clone().requires_grad_()))

@@ -626,3 +626,14 @@ def test_trace_windows_needs_joint_windows(kwargs):
         patch(model, r=4, **kwargs)
     with pytest.raises(ValueError):
         trace_windows(model, torch.randn(1, 3, *model.patch_embed.img_size))
+
+
+@pytest.mark.parametrize("method", ["tome", "spatial", "dsm"])
+def test_training_step_through_a_patched_model(method):
+    """A backward pass through every method (merging is trainable, as ToMe is): no in-place
+    error, finite gradients that reach the first block."""
+    model = small_vit(seed=0).train()
+    patch(model, method, r=4)
+    model(torch.randn(2, 3, *model.patch_embed.img_size)).logsumexp(-1).sum().backward()
+    grad = model.blocks[0].attn.qkv.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
