@@ -37,14 +37,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import dsm_lite
-from dsm_lite.measure import CudaGraphed, TruncationOracle
-
-
-def autocast(fn: Callable, dtype) -> Callable:
-    def run(x):
-        with torch.autocast("cuda", dtype=dtype):
-            return fn(x)
-    return run
+from dsm_lite.measure import Autocast, CudaGraphed, TruncationOracle
 
 
 def syncs(fn: Callable, x: torch.Tensor) -> List[str]:
@@ -101,7 +94,7 @@ def main(argv=None) -> None:
             configs[f"{method} oracle"] = TruncationOracle(base, dsm_lite.schedule(base, method, args.r))
         configs[f"{args.methods[0]} no prop-attn"] = dsm_lite.patch(copy.deepcopy(base), args.methods[0],
                                                                      r=args.r, prop_attn=False)
-        fns = {k: autocast(m, amp) for k, m in configs.items()}
+        fns = {k: Autocast(m, dev, amp) for k, m in configs.items()}
         x8 = torch.randn(8, 3, 224, 224, device=dev)
         for method in args.methods:
             found = syncs(fns[method], x8)

@@ -37,20 +37,19 @@ Usage (numbers are machine-dependent; commit the output with the machine named):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import platform
 import subprocess
 import sys
 import time
 from collections import defaultdict
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import timm
 import torch
 
 import dsm_lite
-from dsm_lite.measure import CudaGraphed, TruncationOracle, time_breakdown
+from dsm_lite.measure import Autocast, CudaGraphed, TruncationOracle, time_breakdown
 
 
 def build(name: str, device: torch.device) -> torch.nn.Module:
@@ -72,19 +71,6 @@ def machine(device: torch.device) -> str:
     except (OSError, StopIteration, subprocess.SubprocessError):
         pass
     return f"CPU {name}, {torch.get_num_threads()} threads"
-
-
-class Autocast(torch.nn.Module):
-    """``module`` run under ``torch.autocast`` (or as it is, for dtype None)."""
-
-    def __init__(self, module: torch.nn.Module, device: torch.device, dtype: Optional[torch.dtype]):
-        super().__init__()
-        self.module, self.device_type, self.dtype = module, device.type, dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ctx = torch.autocast(self.device_type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
-        with ctx:
-            return self.module(x)
 
 
 Config = Tuple[str, str, int]  # (kind: dense/merged/oracle, method, r)

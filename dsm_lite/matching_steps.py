@@ -21,7 +21,7 @@ from matplotlib import colors as mcolors
 from matplotlib.collections import LineCollection
 from torch import Tensor, nn
 
-from .devices import model_device, to_model
+from .devices import to_model
 from .merging import Merge, bipartite_soft_matching, max_reduction
 from .patching import attention_qkv
 from .plots import denormalize, merge_overlay

@@ -2,6 +2,7 @@
 the time of one forward pass goes (torch.profiler)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -19,7 +20,7 @@ from .devices import DeviceMismatchError, check_available, check_same_device, mo
 
 __all__ = ["count_macs", "Throughput", "measure_throughput", "interleaved_throughput",
            "CATEGORIES", "time_breakdown", "split_self_time", "profiler_activities", "TruncationOracle",
-           "CudaGraphed"]
+           "CudaGraphed", "Autocast"]
 
 
 @torch.no_grad()
@@ -291,6 +292,29 @@ class TruncationOracle(nn.Module):
             x = x[:, :n]
             x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         return _call_plain(m, m.norm(x), name="forward_head")
+
+
+class Autocast(nn.Module):
+    """``module`` run under ``torch.autocast(device_type, dtype)``, or as it is for dtype None.
+
+    What the benchmarks time and capture for half precision: autocast is entered inside the
+    call, so a :class:`CudaGraphed` or compiled wrapper records the half-precision kernels.
+
+    Args:
+        module: a module or callable on (B, 3, H, W) images.
+        device: the device (or its type, "cpu" or "cuda") autocast applies to.
+        dtype: torch.float16 or torch.bfloat16; None runs ``module`` unchanged.
+    """
+
+    def __init__(self, module: Callable[[torch.Tensor], torch.Tensor], device: Union[torch.device, str],
+                 dtype: Optional[torch.dtype]) -> None:
+        super().__init__()
+        self.module, self.device_type, self.dtype = module, torch.device(device).type, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = torch.autocast(self.device_type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+        with ctx:
+            return self.module(x)
 
 
 class CudaGraphed:

@@ -546,7 +546,11 @@ def merge_wavg(merge: Merge, x: Tensor, size: Optional[Tensor] = None) -> Tuple[
         flat.index_add_(0, dst, (moved - base) * share)
     else:  # half x: sum the pulls in the wide dtype and round each destination once
         pull = (moved.to(wide) - base.to(wide)) * share.to(wide)
-        sums = pull.new_zeros(flat.shape).index_add_(0, dst, pull).index_select(0, dst)
+        # sum per destination in a buffer of the moved rows' size, not of all survivors: each
+        # moved row adds into the slot of the first moved row with the same destination
+        first = torch.full((k,), len(dst), dtype=dst.dtype, device=dst.device)
+        slot = first.scatter_reduce_(0, dst, torch.arange(len(dst), device=dst.device), "amin").index_select(0, dst)
+        sums = torch.zeros_like(pull).index_add_(0, slot, pull).index_select(0, slot)
         flat.index_copy_(0, dst, (base.to(wide) + sums).to(x.dtype))  # repeats write one value
     return flat.view(b, -1, c), total.view(b, -1, 1)
 

@@ -24,7 +24,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from .devices import model_device, to_model
+from .devices import to_model
 from .merging import (FLOAT_DTYPES, Merge, WindowLayout, bipartite_soft_matching, merge_source,
                       merge_wavg, prune_lowest_norm, window_layout, window_quota_matching,
                       window_soft_matching)
@@ -514,7 +514,7 @@ def trace_sources(model: nn.Module, images: Tensor,
     seen = {}
     hook = model.blocks[last].register_forward_hook(lambda *_: seen.update(source=st.source))
     logits = _forward_tracing(model, images, [hook])
-    return logits.cpu(), _groups(seen.get("source"), st, images.shape[0], logits.device)
+    return logits.cpu(), _groups(seen.get("source"), st, images.shape[0], logits.device).cpu()
 
 
 @torch.no_grad()
@@ -534,7 +534,7 @@ def trace_sources_per_block(model: nn.Module, images: Tensor) -> Tuple[Tensor, T
         for i, blk in enumerate(model.blocks)]
     logits = _forward_tracing(model, images, hooks)
     b = images.shape[0]
-    groups = torch.stack([_groups(seen[i], st, b, logits.device) for i in range(len(model.blocks))])
+    groups = torch.stack([_groups(seen[i], st, b, logits.device) for i in range(len(model.blocks))]).cpu()
     return logits.cpu(), groups
 
 
@@ -578,7 +578,7 @@ def trace_windows(model: nn.Module, images: Tensor) -> Dict[str, Tensor]:
     out = {"blocks": torch.tensor(local), "window": [], "anchor": [], "groups": []}
     for i in local:
         anchors, source = seen[i]
-        groups = _groups(source, st, b, logits.device).view(b, -1).to(anchors.device)  # token per patch
+        groups = _groups(source, st, b, anchors.device).view(b, -1)  # token per patch
         anchor_of_patch = anchors.gather(1, groups)  # (B, h * w): the anchor of each patch's token
         table = st.prepared.window_table[i].to(anchors.device)
         out["window"].append(table[anchor_of_patch].view(b, h, w).cpu())
@@ -601,11 +601,12 @@ def _forward_tracing(model: nn.Module, images: Tensor, hooks: List) -> Tensor:
 
 
 def _groups(source: Optional[Tensor], st: "MergeState", b: int, device) -> Tensor:
-    """(B, h, w) CPU group index per patch from a source map (B, N, N0), None: nothing merged."""
+    """(B, h, w) group index per patch from a source map (B, N, N0), None: nothing merged; on
+    ``device`` (the source's, when there is one)."""
     h, w = st.grid
     p = st.num_prefix
     if source is None:  # nothing merged yet: every patch is its own group
         groups = torch.arange(h * w, device=device).expand(b, -1)
     else:
         groups = source[:, p:, p:].argmax(dim=1)
-    return groups.reshape(b, h, w).cpu()
+    return groups.reshape(b, h, w)

@@ -337,11 +337,25 @@ def merge_overlay(image, groups, patch_size: int, alpha: float = 0.55, seed: int
     merged = (counts > patch_size * patch_size)[inverse]  # groups of more than one patch
     out = img.copy()
     out[merged] = (1 - alpha) * img[merged] + alpha * palette[inverse][merged]
+    out[_group_edges(px)] = 0.1
+    return np.clip(out, 0, 1)
+
+
+def _group_edges(px: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixels where the group index changes from the pixel left or above."""
     edge = np.zeros(px.shape, dtype=bool)
     edge[:, 1:] |= px[:, 1:] != px[:, :-1]
     edge[1:, :] |= px[1:, :] != px[:-1, :]
-    out[edge] = 0.1
-    return np.clip(out, 0, 1)
+    return edge
+
+
+def _window_borders(ax, side: int, patch_size: int, height: int, width: int) -> None:
+    """Red lines between windows of ``side`` patches, on an image of height x width pixels."""
+    step = side * patch_size
+    for k in range(step, height, step):
+        ax.axhline(k - 0.5, color="red", lw=1.5)
+    for k in range(step, width, step):
+        ax.axvline(k - 0.5, color="red", lw=1.5)
 
 
 def show_merges(images, groups, patch_size: int, titles: Sequence[str], row_labels: Optional[Sequence[str]] = None,
@@ -363,11 +377,7 @@ def show_merges(images, groups, patch_size: int, titles: Sequence[str], row_labe
             ax.imshow(over)
             window = windows[i] if windows is not None else None
             if window:
-                step = window * patch_size
-                for k in range(step, over.shape[0], step):
-                    ax.axhline(k - 0.5, color="red", lw=1.5)
-                for k in range(step, over.shape[1], step):
-                    ax.axvline(k - 0.5, color="red", lw=1.5)
+                _window_borders(ax, window, patch_size, *over.shape[:2])
             ax.set_xticks([]), ax.set_yticks([])
             photo_label, row_label = titles[j], None if row_labels is None else row_labels[i]
             if transpose:
@@ -410,19 +420,11 @@ def show_window_rules(images, traced: Dict[str, Any], patch_size: int, sides: Se
             grid = wins[t, j]
             tint = palette[grid % len(palette)]
             over = 0.45 * img + 0.55 * np.kron(tint, np.ones((patch_size, patch_size, 1)))
-            g = np.kron(groups[t, j], np.ones((patch_size, patch_size), dtype=np.int64))
-            edge = np.zeros(g.shape, dtype=bool)
-            edge[:, 1:] |= g[:, 1:] != g[:, :-1]
-            edge[1:, :] |= g[1:, :] != g[:-1, :]
-            over[edge] = 0.1
+            over[_group_edges(np.kron(groups[t, j], np.ones((patch_size, patch_size), dtype=np.int64)))] = 0.1
             ax.imshow(np.clip(over, 0, 1))
             ys, xs = np.nonzero(anchors[t, j] & (np.bincount(groups[t, j].ravel(), minlength=grid.size)[groups[t, j]] > 1))
             ax.scatter((xs + 0.5) * patch_size - 0.5, (ys + 0.5) * patch_size - 0.5, s=6, c="k", linewidths=0)
-            step = sides[t] * patch_size
-            for k in range(step, img.shape[0], step):
-                ax.axhline(k - 0.5, color="red", lw=1.5)
-            for k in range(step, img.shape[1], step):
-                ax.axvline(k - 0.5, color="red", lw=1.5)
+            _window_borders(ax, sides[t], patch_size, *img.shape[:2])
             ax.set_xticks([]), ax.set_yticks([])
             if j == 0:
                 ax.set_title(f"block {int(to_numpy(traced['blocks'])[t])}: {sides[t]}x{sides[t]}", fontsize=9)

@@ -43,7 +43,6 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from .devices import DeviceMismatchError, check_available, check_same_device, model_device, same_device, to_model
 from .numerics import widen

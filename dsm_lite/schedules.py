@@ -11,7 +11,7 @@ will cost. :func:`plan` builds it;
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
 import pandas as pd

@@ -29,9 +29,14 @@ The mode comes from the ``recompute`` argument of :func:`book_store` and ``$DSM_
 ``record:<path>`` (compute everything and write it to ``<path>``) or ``extend:<path>`` (serve
 what ``<path>`` has, compute the rest and add it there: for new configs in a chapter).
 
-File layout (one ``.npz``): ``__meta__`` (JSON: format, what rebuilt it), and per entry key
-``<key>/__meta__`` (JSON: config, context, the photos' relative paths) and ``<key>/<field>``
-for the per-photo arrays of :class:`dsm_lite.evaluation.EvalResult`.
+File layout (one ``.npz``, format 2): ``__meta__`` (JSON: format, what rebuilt it);
+``__photos__/<id>`` (JSON: one list of the photos' relative paths, shared by the entries that
+ran on it); per entry key ``<key>/__meta__`` (JSON: config, context, ``photos_id``) and
+``<key>/<field>`` for the per-photo arrays of :class:`dsm_lite.evaluation.EvalResult`, packed
+as the comment above :func:`_compact` says (top-5 coded against the dense entry, KL and
+confidence in float32). On the book's 86 entries that is about 1.9 MB; format 1, which stored every
+entry's photo list and float64 values, took 4.9 MB. ``python -m dsm_lite.store compact``
+rewrites a store in the current format.
 """
 from __future__ import annotations
 
@@ -57,9 +62,9 @@ from .models import load_model, predict, weights_fingerprint
 from .patching import patch, unpatch
 
 __all__ = ["FORMAT", "BOOK_STORE", "FIELDS", "ResultStore", "book_store", "store_key",
-           "StoreMismatch", "verify", "diff", "rebuild"]
+           "StoreMismatch", "verify", "diff", "rebuild", "compact"]
 
-FORMAT = 1
+FORMAT = 2
 BOOK_STORE = Path(__file__).resolve().parent / "results" / "book.npz"
 #: per-photo arrays kept for each entry (the fields of ``EvalResult`` less the logits)
 FIELDS = ("pred", "top5", "correct1", "correct5", "agree", "kl", "confidence")
@@ -126,6 +131,8 @@ class ResultStore:
         missing = [f for f in FIELDS if f not in arrays]
         if missing:
             raise ValueError(f"entry {key} lacks the per-photo fields {missing}")
+        if not np.array_equal(arrays["pred"], np.asarray(arrays["top5"])[:, 0]):
+            raise ValueError(f"entry {key}: pred must be top5[:, 0] (the store keeps top5 only)")
         entry = {"__meta__": meta, **{f: np.asarray(arrays[f]) for f in FIELDS}}
         if self.path.is_file() and not _holds(self.path, key):
             _append(self.path, key, entry)
@@ -138,11 +145,103 @@ class ResultStore:
         self._entries = entries
 
 
-def _compact(a: np.ndarray) -> np.ndarray:
-    """Class indices fit int16: a third of the file's size (read back as int64)."""
+# --------------------------------------------------------------------------- file format
+# Format 2 packs what format 1 repeated (format 1 files are still read):
+# - each photo list is stored once, as ``__photos__/<hash>``; an entry's meta names it;
+# - ``pred`` is not stored: it is ``top5[:, 0]``;
+# - ``top5`` is coded against the dense entry of the same photos when the file has one: a
+#   class that the dense model also ranks in its top 5 is stored as that rank (0-4), any
+#   other class c as c + 5. Merged models mostly keep the dense top 5, so the codes are
+#   mostly 0-4 and compress to half;
+# - ``kl`` and ``confidence`` are float32: relative rounding error 6e-8, so at most 6e-7 for
+#   the largest KL stored (under 10), inside :func:`verify`'s 1e-6 tolerance; read back as
+#   float64. (Fixed point would save a further 0.2 MB, at an absolute error that swamps the
+#   tiny KL of the mildest configs.)
+# - class indices and codes are int16, read back as int64.
+_PHOTOS = "__photos__/"
+_FLOAT32 = ("kl", "confidence")
+
+
+def _compact(field: str, a: np.ndarray) -> np.ndarray:
+    """The array as stored: int16 for class indices and codes, float32 for KL and confidence."""
+    if field in _FLOAT32 and a.dtype.kind == "f":
+        return a.astype(np.float32)
     if a.dtype.kind == "i" and (a.size == 0 or int(np.abs(a).max()) < 2 ** 15):
         return a.astype(np.int16)
     return a
+
+
+def _expand(a: np.ndarray) -> np.ndarray:
+    """Undo :func:`_compact`: int64 class indices, float64 values."""
+    if a.dtype.kind == "i":
+        return a.astype(np.int64)
+    if a.dtype == np.float32:
+        return a.astype(np.float64)
+    return a
+
+
+def _photos_id(photos: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(photos)).encode()).hexdigest()[:16]
+
+
+def _dense_bases(entries: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
+    """entry key -> key of the dense entry with the same context and photos (the base its
+    ``top5`` is coded against), for every non-dense entry that has one."""
+    def ident(meta):
+        return json.dumps([meta.get("context"), meta.get("photos")], sort_keys=True)
+
+    dense = {ident(e["__meta__"]): k for k, e in entries.items()
+             if e["__meta__"].get("config", {}).get("dense")}
+    out = {}
+    for k, e in entries.items():
+        base = dense.get(ident(e["__meta__"]))
+        if base is not None and base != k and len(entries[base]["top5"]) == len(e["top5"]):
+            out[k] = base
+    return out
+
+
+def _code_top5(top5: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """(N, 5) classes -> (N, 5) codes: the class's rank in ``base``'s row if there, else class + 5."""
+    same = top5[:, :, None] == base[:, None, :]  # (N, 5, 5)
+    return np.where(same.any(-1), same.argmax(-1), top5 + 5)
+
+
+def _decode_top5(codes: np.ndarray, base: np.ndarray) -> np.ndarray:
+    ranks = np.minimum(codes, 4)
+    return np.where(codes < 5, np.take_along_axis(base, ranks, axis=1), codes - 5)
+
+
+def _members(key: str, entry: Dict[str, Any], base: Optional[Dict[str, Any]] = None,
+             base_key: Optional[str] = None) -> Iterator[Tuple[str, np.ndarray]]:
+    """The zip members of one entry (its photo list excluded: see :func:`_photo_members`)."""
+    meta = dict(entry["__meta__"])
+    photos = meta.pop("photos", None)
+    if photos is not None:
+        meta["photos_id"] = _photos_id(photos)
+    top5 = np.asarray(entry["top5"])
+    if base is not None:
+        meta["top5_base"] = base_key
+        top5 = _code_top5(top5, np.asarray(base["top5"]))
+    yield f"{key}/__meta__", np.array(json.dumps(meta, sort_keys=True))
+    yield f"{key}/top5", _compact("top5", top5)
+    for field in FIELDS:
+        if field not in ("pred", "top5"):
+            yield f"{key}/{field}", _compact(field, np.asarray(entry[field]))
+
+
+def _photo_members(entries: Iterator[Dict[str, Any]], have=()) -> Dict[str, np.ndarray]:
+    out = {}
+    for entry in entries:
+        photos = entry["__meta__"].get("photos")
+        if photos is not None and _PHOTOS + _photos_id(photos) not in have:
+            out[_PHOTOS + _photos_id(photos)] = np.array(json.dumps(list(photos)))
+    return out
+
+
+def _write_member(zf: zipfile.ZipFile, name: str, arr: np.ndarray) -> None:
+    """One ``<name>.npy`` member, as ``np.savez_compressed`` writes it."""
+    with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
 
 
 def _holds(path: Path, key: str) -> bool:
@@ -151,57 +250,84 @@ def _holds(path: Path, key: str) -> bool:
 
 
 def _append(path: Path, key: str, entry: Dict[str, Any]) -> None:
-    """Write one entry's members into the existing archive, as ``np.savez_compressed`` would."""
-    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as zf:
-        for field, value in entry.items():
-            arr = np.array(json.dumps(value, sort_keys=True)) if field == "__meta__" else _compact(value)
-            with zf.open(f"{key}/{field}.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
+    """Write one entry's members into the existing archive. Its ``top5`` is stored plain: the
+    rebuild's final :func:`compact` codes it against its dense entry."""
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        have = {n[:-len(".npy")] for n in zf.namelist()}
+        for name, arr in [*_photo_members([entry], have).items(), *_members(key, entry)]:
+            _write_member(zf, name, arr)
 
 
 def _read(path: Path) -> Dict[str, Dict[str, Any]]:
     if not path.is_file():
         return {}
-    out: Dict[str, Dict[str, Any]] = {}
+    raw: Dict[str, Dict[str, Any]] = {}
+    photos: Dict[str, List[str]] = {}
     try:
         with np.load(path, allow_pickle=False) as z:
             head = json.loads(str(z["__meta__"]))
-            if head.get("format") == FORMAT:
+            if head.get("format") in (1, FORMAT):
                 for name in z.files:
-                    if name != "__meta__":
+                    if name.startswith(_PHOTOS):
+                        photos[name[len(_PHOTOS):]] = json.loads(str(z[name]))
+                    elif name != "__meta__":
                         key, field = name.split("/", 1)
                         value = z[name]
-                        if field == "__meta__":
-                            value = json.loads(str(value))
-                        elif value.dtype.kind == "i":  # stored compact (int16), used as int64
-                            value = value.astype(np.int64)
-                        out.setdefault(key, {})[field] = value
+                        value = json.loads(str(value)) if field == "__meta__" else _expand(value)
+                        raw.setdefault(key, {})[field] = value
+                out = {k: _decode_entry(k, raw, photos) for k in raw}
     except (OSError, KeyError, EOFError, ValueError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is not a readable result store ({e}); rebuild it with "
                          f"`{REBUILD_COMMAND}`") from e
-    if head.get("format") != FORMAT:
+    if head.get("format") not in (1, FORMAT):
         raise ValueError(f"{path}: store format {head.get('format')}, this dsm_lite reads "
-                         f"{FORMAT}; rebuild it with `{REBUILD_COMMAND}`")
+                         f"1 and {FORMAT}; rebuild it with `{REBUILD_COMMAND}`")
     return out
 
 
+def _decode_entry(key: str, raw: Dict[str, Dict[str, Any]], photos: Dict[str, List[str]]) -> Dict[str, Any]:
+    """Undo :func:`_members` for one entry (a format 1 entry passes through)."""
+    entry = raw[key]
+    meta = entry["__meta__"]
+    if "photos_id" in meta:
+        meta["photos"] = photos[meta.pop("photos_id")]
+    base = meta.pop("top5_base", None)
+    if base is not None:
+        entry["top5"] = _decode_top5(entry["top5"], raw[base]["top5"])  # bases are stored plain
+    if "pred" not in entry and "top5" in entry:
+        entry["pred"] = entry["top5"][:, 0].copy()
+    return entry
+
+
 def _write(path: Path, entries: Dict[str, Dict[str, Any]]) -> None:
+    """Write ``entries`` as a new file (atomically), every ``top5`` coded against its base."""
     head = dict(format=FORMAT, rebuild=REBUILD_COMMAND, written=datetime.date.today().isoformat())
-    arrays = {"__meta__": np.array(json.dumps(head, sort_keys=True))}
-    for key in sorted(entries):
-        for field, value in entries[key].items():
-            arrays[f"{key}/{field}"] = (np.array(json.dumps(value, sort_keys=True))
-                                        if field == "__meta__" else _compact(value))
+    bases = _dense_bases(entries)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".npz", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+            _write_member(zf, "__meta__", np.array(json.dumps(head, sort_keys=True)))
+            for name, arr in sorted(_photo_members(iter(entries.values())).items()):
+                _write_member(zf, name, arr)
+            for key in sorted(entries):
+                base = bases.get(key)
+                for name, arr in _members(key, entries[key], entries.get(base), base):
+                    _write_member(zf, name, arr)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the store is package data
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def compact(path: os.PathLike | str = BOOK_STORE) -> Path:
+    """Rewrite a store in the current format, every ``top5`` coded against its dense entry
+    (appended entries are stored plain). The entries read back the same."""
+    path = Path(path)
+    _write(path, _read(path))
+    return path
 
 
 def book_store(recompute: bool = False) -> Optional[ResultStore]:
@@ -377,7 +503,7 @@ def rebuild(notebooks: Sequence[os.PathLike | str], out: os.PathLike | str = BOO
                            resources={"metadata": {"path": str(path.parent)}}).execute()
         if not Path(tmp).is_file():
             raise RuntimeError("no sweep recorded anything: do the notebooks pass store=?")
-        os.replace(tmp, out)
+        os.replace(compact(tmp), out)
     finally:
         if old is None:
             os.environ.pop("DSM_LITE_RESULTS", None)
@@ -398,6 +524,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     vf.add_argument("--path", default=str(BOOK_STORE))
     vf.add_argument("--photos", type=int, default=8)
     vf.add_argument("--seed", type=int, default=0)
+    cp = sub.add_parser("compact", help="rewrite a store in the current format")
+    cp.add_argument("path", nargs="?", default=str(BOOK_STORE))
     df = sub.add_parser("diff", help="compare two stores on every photo (e.g. shipped vs rebuilt)")
     df.add_argument("a")
     df.add_argument("b")
@@ -405,6 +533,10 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     if args.cmd == "rebuild":
         nbs = args.notebooks or sorted(str(x) for x in Path("book").glob("0[3-5]_*.ipynb"))
         print(f"rebuilt {rebuild(nbs, args.out)}")
+        return 0
+    if args.cmd == "compact":
+        path = compact(args.path)
+        print(f"{path}: {len(ResultStore(path))} entries, {path.stat().st_size / 1e6:.2f} MB")
         return 0
     if args.cmd == "diff":
         common, bad, only_a, only_b = diff(args.a, args.b)

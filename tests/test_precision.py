@@ -85,6 +85,23 @@ def test_merge_wavg_half_precision_keeps_float32_sizes():
     assert first.dtype == torch.float32 and first.sum() == 20
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merge_wavg_half_rounds_a_shared_destination_once(dtype):
+    """Destinations that take two and three sources (and one that takes none): the pulls
+    of all sources are summed before the one rounding."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 9, 16, generator=g).to(dtype)
+    size = torch.randint(1, 40, (2, 9, 1), generator=g).float()
+    merge = Merge(torch.tensor([[2, 4, 8], [6, 8, 3]]), torch.tensor([[1, 1, 1], [5, 5, 0]]),
+                  torch.tensor([[0, 1, 3, 5, 6, 7], [0, 1, 2, 4, 5, 7]]))
+    out, out_size = merge_wavg(merge, x, size)
+    exact, exact_size = merge_wavg(merge, x.double(), size.double())
+    assert out.dtype == dtype and torch.equal(out_size.double(), exact_size)
+    mantissa = {torch.bfloat16: 7, torch.float16: 10}[dtype]  # stored fraction bits
+    half_ulp = 2.0 ** (torch.floor(torch.log2(exact.abs())) - mantissa - 1)
+    assert ((out.double() - exact).abs() <= half_ulp + 1e-6 * exact.abs()).all()
+
+
 CONFIGS = [
     ("tome", dict(r=8)), ("spatial", dict(r=8)), ("dsm", dict(r=8)),
     ("tome", dict(r=8, reduction="prune")), ("spatial", dict(r=8, reduction="prune")),

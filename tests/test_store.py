@@ -10,6 +10,7 @@ Two kinds of test:
 """
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -64,11 +65,13 @@ def _sweep(model, photos, store, configs=CONFIGS, **kw):
 
 
 def _same_rows(a, b):
-    cols = [c for c in a.columns if c not in ("result", "cached")]
+    """Same rows; the KL columns to float32 precision (the store keeps KL in float32)."""
+    kl = [c for c in a.columns if c.startswith("kl")]
+    cols = [c for c in a.columns if c not in ("result", "cached", *kl)]
     assert a[cols].equals(b[cols])
+    np.testing.assert_allclose(a[kl].to_numpy(float), b[kl].to_numpy(float), rtol=1e-6, atol=0)
     for ra, rb in zip(a.result, b.result):
-        for f in st.FIELDS:
-            np.testing.assert_array_equal(getattr(ra, f), getattr(rb, f))
+        _same_arrays({f: getattr(ra, f) for f in st.FIELDS}, {f: getattr(rb, f) for f in st.FIELDS})
 
 
 def test_recorded_results_are_served_without_running_the_model(vit, photos, tmp_path):
@@ -113,13 +116,8 @@ def test_put_appends_new_keys_and_rewrites_a_replaced_one(tmp_path):
     path = tmp_path / "store.npz"
     rng = np.random.default_rng(0)
 
-    def arrays(n):
-        pred = rng.integers(0, 1000, n)
-        return dict(pred=pred, top5=rng.integers(0, 1000, (n, 5)), correct1=pred < 500,
-                    correct5=pred < 900, agree=pred % 2 == 0, kl=rng.random(n), confidence=rng.random(n))
-
     rec = st.ResultStore(path, mode="record")
-    want = {k: arrays(7) for k in ("a", "b", "c")}
+    want = {k: _fake_arrays(rng, 7) for k in ("a", "b", "c")}
     for k, a in want.items():
         rec.put(k, a, dict(label=k))
     size = path.stat().st_size
@@ -128,29 +126,103 @@ def test_put_appends_new_keys_and_rewrites_a_replaced_one(tmp_path):
     got = st.ResultStore(path).entries()
     assert sorted(got) == ["a", "b", "c"] and got["b"]["__meta__"]["label"] == "b again"
     for k, a in want.items():
+        _same_arrays(got[k], a)
+
+
+def _same_arrays(got, want):
+    """Exact for classes and flags; KL and confidence to float32 (the store keeps 24 bits)."""
+    for f in st.FIELDS:
+        assert got[f].dtype == np.asarray(want[f]).dtype  # class indices come back as int64
+        if f in ("kl", "confidence"):
+            np.testing.assert_allclose(got[f], want[f], rtol=2.0 ** -24, atol=0)
+        else:
+            np.testing.assert_array_equal(got[f], want[f])
+
+
+def _fake_arrays(rng, n, top5=None):
+    top5 = rng.integers(0, 1000, (n, 5)) if top5 is None else top5
+    return dict(pred=top5[:, 0].copy(), top5=top5, correct1=top5[:, 0] < 500,
+                correct5=top5.min(1) < 100, agree=top5[:, 0] % 2 == 0, kl=rng.random(n) * 9,
+                confidence=rng.random(n))
+
+
+def test_format_2_codes_top5_against_the_dense_entry_and_shares_photo_lists(tmp_path):
+    rng = np.random.default_rng(2)
+    n = 300
+    dense_top5 = np.stack([rng.permutation(1000)[:5] for _ in range(n)])
+    merged = dense_top5.copy()
+    merged[:100] = merged[:100, ::-1]  # the same five classes, reordered
+    merged[100:200, 2:] = rng.integers(0, 1000, (100, 3))  # some classes new (or ranked elsewhere)
+    photos = [f"imagenet-sample/p{i}.JPEG" for i in range(n)]
+    ctx = dict(weights="w", dtype="torch.float64")
+    entries = {"dense": {"__meta__": dict(config={"dense": True}, context=ctx, photos=photos),
+                         **_fake_arrays(rng, n, dense_top5)},
+               "merged": {"__meta__": dict(config={"method": "tome"}, context=ctx, photos=photos),
+                          **_fake_arrays(rng, n, merged)},
+               "other": {"__meta__": dict(config={"method": "tome"}, context=dict(ctx, weights="v"),
+                                          photos=photos), **_fake_arrays(rng, n)}}
+    path = tmp_path / "s.npz"
+    st._write(path, entries)
+    got = st.ResultStore(path).entries()
+    for k, e in entries.items():
+        assert got[k]["__meta__"] == e["__meta__"]
+        _same_arrays(got[k], e)
+    with np.load(path) as z:
+        names = z.files
+        meta = {k: json.loads(str(z[f"{k}/__meta__"])) for k in entries}
+        codes = z["merged/top5"]
+    assert sum(n.startswith("__photos__/") for n in names) == 1  # one list for three entries
+    assert not any(n.endswith("/pred") for n in names)  # pred is top5[:, 0]
+    assert meta["merged"]["top5_base"] == "dense"  # same context and photos
+    assert "top5_base" not in meta["other"] and "top5_base" not in meta["dense"]
+    assert (codes[:100] == [4, 3, 2, 1, 0]).all() and (codes[200:] == [0, 1, 2, 3, 4]).all()
+    # compacting an appended (plain) store changes nothing that is read back
+    rec = st.ResultStore(tmp_path / "a.npz", mode="record")
+    for k, e in entries.items():
+        rec.put(k, {f: e[f] for f in st.FIELDS}, e["__meta__"])
+    before = st.ResultStore(rec.path).entries()
+    st._main(["compact", str(rec.path)])
+    after = st.ResultStore(rec.path).entries()
+    for k in entries:
+        assert after[k]["__meta__"] == before[k]["__meta__"]
         for f in st.FIELDS:
-            assert got[k][f].dtype == np.asarray(a[f]).dtype  # class indices come back as int64
-            np.testing.assert_array_equal(got[k][f], a[f])
+            np.testing.assert_array_equal(after[k][f], before[k][f])
+
+
+def test_a_format_1_store_is_still_read(tmp_path):
+    """Format 1: every entry's photo list in its meta, pred stored, KL and confidence float64."""
+    rng = np.random.default_rng(3)
+    a = _fake_arrays(rng, 4)
+    meta = dict(label="x", photos=["imagenet-sample/p.JPEG"] * 4)
+    path = tmp_path / "v1.npz"
+    np.savez_compressed(path, **{"__meta__": np.array('{"format": 1}'),
+                                 "k/__meta__": np.array(json.dumps(meta)),
+                                 **{f"k/{f}": (v.astype(np.int16) if v.dtype.kind == "i" else v)
+                                    for f, v in a.items()}})
+    got = st.ResultStore(path).entries()["k"]
+    assert got["__meta__"] == meta
+    for f in st.FIELDS:
+        assert got[f].dtype == a[f].dtype
+        np.testing.assert_array_equal(got[f], a[f])  # float64 was stored: exact
 
 
 def test_diff_finds_a_changed_prediction_and_missing_entries(tmp_path):
     rng = np.random.default_rng(1)
     n = 6
-    pred = rng.integers(0, 1000, n)
-    arrays = dict(pred=pred, top5=rng.integers(0, 1000, (n, 5)), correct1=pred < 500,
-                  correct5=pred < 900, agree=pred % 2 == 0, kl=rng.random(n), confidence=rng.random(n))
+    arrays = _fake_arrays(rng, n)
     meta = dict(label="x", photos=[f"imagenet-sample/p{i}.JPEG" for i in range(n)])
     a, b = st.ResultStore(tmp_path / "a.npz", "record"), st.ResultStore(tmp_path / "b.npz", "record")
     for k in ("k1", "k2"):
         a.put(k, arrays, meta)
     assert st.diff(a.path, a.path) == (2, [], [], [])
-    changed = dict(arrays, pred=arrays["pred"].copy(), kl=arrays["kl"] + 5e-7)  # KL within tolerance
-    changed["pred"][3] += 1
+    changed = dict(arrays, pred=arrays["pred"].copy(), top5=arrays["top5"].copy(),
+                   kl=arrays["kl"] + 5e-7)  # KL within tolerance
+    changed["pred"][3] = changed["top5"][3, 0] = (changed["pred"][3] + 1) % 1000
     b.put("k1", changed, meta)
     b.put("k3", arrays, meta)
     common, bad, only_a, only_b = st.diff(a.path, b.path)
     assert (common, only_a, only_b) == (1, ["k2"], ["k3"])
-    assert len(bad) == 1 and bad[0].fields == ["pred"] and bad[0].photos == ["imagenet-sample/p3.JPEG"]
+    assert len(bad) == 1 and bad[0].fields == ["pred", "top5"] and bad[0].photos == ["imagenet-sample/p3.JPEG"]
     assert st._main(["diff", str(a.path), str(b.path)]) == 1
 
 
@@ -218,6 +290,10 @@ def test_bad_input_gives_clear_errors(vit, photos, tmp_path):
         st.ResultStore(tmp_path / "s.npz", mode="record").put("k", {"pred": np.zeros(2)}, {})
     with pytest.raises(ValueError, match="mode"):
         st.ResultStore(tmp_path / "s.npz", mode="write")
+    odd = _fake_arrays(np.random.default_rng(0), 3)
+    odd["pred"] = odd["pred"] + 1  # pred is not stored but read back as top5[:, 0]: refused
+    with pytest.raises(ValueError, match=r"top5\[:, 0\]"):
+        st.ResultStore(tmp_path / "s.npz", mode="record").put("k", odd, {})
     with pytest.raises(ValueError, match="needs an ImageSet"):
         sweeps.sweep(vit, photos.images, CONFIGS[1:2], labels=photos.labels, cache_dir=False,
                  progress=False, store=st.ResultStore(tmp_path / "s.npz", mode="record"))

@@ -193,3 +193,17 @@ def test_throughput_script_refuses_cuda_graph_off_gpu(capsys):
         script.main(["--cuda-graph", "--device", "cpu"])
     assert exit_info.value.code == 2
     assert "--cuda-graph captures eager models on a CUDA device" in capsys.readouterr().err
+
+
+def test_autocast_wrapper_runs_the_module_in_half_precision_or_as_it_is():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 3)).eval()
+    x = torch.randn(4, 8)  # CPU
+    with torch.no_grad():
+        half = measure.Autocast(net, torch.device("cpu"), torch.bfloat16)(x)
+        plain = measure.Autocast(net, "cpu", None)(x)
+        want = net(x)
+    assert half.dtype == torch.bfloat16 and plain.dtype == torch.float32
+    assert torch.equal(plain, want)
+    assert 0 < (half.float() - want).abs().max() < 0.1  # rounded to bf16, not another result
+    assert not torch.is_autocast_enabled("cpu")  # left as it was
