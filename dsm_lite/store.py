@@ -9,7 +9,8 @@ from it instead of running the model, when the entry's key matches exactly:
 
 - the config, every ``patch`` option spelled out (defaults filled in);
 - the model's weights fingerprint and class;
-- the photos: a hash of the preprocessed image tensor and the labels;
+- the photos: their relative paths and preprocessing (for a bare tensor, a hash of its
+  pixels), and a hash of the labels;
 - the dtype the model ran in (the book runs in float64, see :mod:`dsm_lite.numerics`).
 
 The key leaves out what must not change a result: the device, batch size, thread count,
@@ -31,9 +32,10 @@ what ``<path>`` has, compute the rest and add it there: for new configs in a cha
 
 File layout (one ``.npz``, format 2): ``__meta__`` (JSON: format, what rebuilt it);
 ``__photos__/<id>`` (JSON: one list of the photos' relative paths, shared by the entries that
-ran on it); per entry key ``<key>/__meta__`` (JSON: config, context, ``photos_id``) and
+ran on it); per entry key ``<key>/__meta__`` (JSON: config, context, ``photos_id``, and ``top5_base``,
+the dense entry its top-5 is coded against) and
 ``<key>/<field>`` for the per-photo arrays of :class:`dsm_lite.evaluation.EvalResult`, packed
-as the comment above :func:`_compact` says (top-5 coded against the dense entry, KL and
+as the comment above ``_compact`` in the source says (top-5 coded against the dense entry, KL and
 confidence in float32). On the book's 86 entries that is about 1.9 MB; format 1, which stored every
 entry's photo list and float64 values, took 4.9 MB. ``python -m dsm_lite.store compact``
 rewrites a store in the current format.

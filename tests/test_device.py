@@ -154,6 +154,32 @@ def test_patched_forward_runs_on_cuda(fake: FakeCuda, vit, kw) -> None:
             assert is_cuda(st.anchors)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kw", METHODS, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
+def test_half_precision_model_runs_on_cuda(fake: FakeCuda, cpu_vit, kw, dtype) -> None:
+    """A float16/bfloat16 model on the GPU (how half precision is served without autocast,
+    which a CPU-only torch switches off for "cuda"): every method runs, the logits come out in
+    the model's dtype, token sizes stay float32, all on the device."""
+    vit = fake.convert(copy.deepcopy(cpu_vit).to(dtype), "cuda")
+    dsm_lite.patch(vit, **kw)
+    with fake, torch.no_grad():
+        out = vit(torch.randn(2, 3, 224, 224, device="cuda", dtype=dtype))
+        st = vit._dsm_state
+        assert is_cuda(out) and out.dtype == dtype and out.shape == (2, 1000)
+        assert is_cuda(st.size) and st.size.dtype == torch.float32 and st.size.shape[1] < 197
+
+
+def test_trace_windows_on_cuda_returns_cpu(fake: FakeCuda, vit) -> None:
+    """trace_windows (chapter 4's window rules) with a GPU model: CPU maps of the right shape."""
+    dsm_lite.patch(vit, "spatial", r=8, windows="joint")
+    with fake:
+        traced = dsm_lite.patching.trace_windows(vit, torch.randn(2, 3, 224, 224))
+        local = len(traced["blocks"])
+        assert local > 0
+        for k, dtype in (("window", torch.long), ("anchor", torch.bool), ("groups", torch.long)):
+            assert is_cpu(traced[k]) and traced[k].shape == (local, 2, 14, 14) and traced[k].dtype == dtype
+
+
 def test_trace_sources_moves_images_and_returns_cpu(fake: FakeCuda, vit) -> None:
     """trace_sources takes images anywhere (the book passes CPU photos to a GPU model) and
     returns logits and groups on the CPU."""
