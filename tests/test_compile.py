@@ -59,6 +59,21 @@ def test_fullgraph_capture_every_option():
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=f"{method} {kw}")
 
 
+def test_compiled_forward_caches_no_traced_tensor():
+    """Per-model caches hold tensors made in eager mode only: a tensor made inside a traced
+    forward would be an output of the compiled graph, which torch.compile's CUDA graphs
+    ("reduce-overhead") overwrite at the next replay (seen on an H100 with paper windows)."""
+    model = small_vit(depth=2)
+    patch(model, "dsm", r=8, delay=0, windows="paper")
+    st = model._dsm_state
+    with torch.no_grad():
+        torch.compile(model, backend="eager", fullgraph=True)(images())
+    assert st._square_ids == {} and st._prepared_cache == {}
+    with torch.no_grad():
+        model(images())  # eager: cached for the next call
+    assert len(st._square_ids) > 0
+
+
 @pytest.mark.slow
 def test_avg_pool_and_no_class_token_capture():
     model = small_vit(depth=2, class_token=False, global_pool="avg")

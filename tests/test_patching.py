@@ -216,6 +216,40 @@ def test_attention_bias_is_log_size():
     assert dsm_lite.attention_bias(torch.nn.Linear(2, 2)) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [5, 16, 181])
+def test_sized_sdpa_bias_is_aligned_log_size(monkeypatch, n, dtype):
+    """The size bias reaches SDPA as log(size) in q's dtype, (B, 1, 1, N), in rows padded to
+    a multiple of 16 elements (the fused GPU kernels' alignment), and the attention equals
+    softmax(q k^T / sqrt(d) + log s) v written out."""
+    from dsm_lite.patching import sized_sdpa
+    g = torch.Generator().manual_seed(n)
+    b, h, d = 3, 2, 8
+    q, k, v = (torch.randn(b, h, n, d, generator=g).to(dtype) for _ in range(3))
+    size = torch.randint(1, 40, (b, n, 1), generator=g).float()
+    seen = {}
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen["mask"] = kwargs["attn_mask"]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    out = sized_sdpa(q, k, v, size)
+    mask = seen["mask"]
+    assert mask.shape == (b, 1, 1, n) and mask.dtype == dtype
+    assert all(s % 16 == 0 for s in mask.stride()[:-1]) and mask.stride(-1) == 1
+    assert torch.equal(mask, size.log().view(b, 1, 1, n).to(dtype))
+    qd, kd, vd = q.double(), k.double(), v.double()
+    logits = qd @ kd.transpose(-2, -1) / d ** 0.5 + mask.double()
+    want = logits.softmax(-1) @ vd
+    tol = 1e-6 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=tol)
+    # no sizes: plain attention, no mask at all
+    sized_sdpa(q, k, v, None)
+    assert seen["mask"] is None
+
+
 # --------------------------------------------------------------------------- token counts, MACs
 @pytest.mark.parametrize("kwargs", [
     dict(method="tome", r=0), dict(method="tome", r=3), dict(method="tome", r=100),

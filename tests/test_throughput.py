@@ -207,3 +207,28 @@ def test_autocast_wrapper_runs_the_module_in_half_precision_or_as_it_is():
     assert torch.equal(plain, want)
     assert 0 < (half.float() - want).abs().max() < 0.1  # rounded to bf16, not another result
     assert not torch.is_autocast_enabled("cpu")  # left as it was
+
+
+def test_prop_attn_script_ways_agree_on_cpu(capsys):
+    """benchmarks/prop_attn.py's ways of computing proportional attention (a mask, an aligned
+    mask, attention over size-weighted values) agree with a float64 reference, and the
+    engine's way swapped into a whole model leaves its logits unchanged on the CPU."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "prop_attn.py"
+    spec = importlib.util.spec_from_file_location("prop_attn_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--device", "cpu", "--dtype", "fp32", "--batch-sizes", "2", "--model",
+                 "vit_tiny_patch16_224", "--reps", "1", "--runs", "1",
+                 "--ways", "mask", "mask16", "values", "shipped"])
+    out = capsys.readouterr().out
+    errors = {(m[0], m[1]): float(m[2]) for m in re.findall(r"^(\S+)\s+(default|math)\s+[\d.]+\s+(\S+)", out, re.M)}
+    for way in ("mask", "mask16", "values", "values-nopad", "shipped"):
+        assert errors[(way, "default")] < 1e-5 and errors[(way, "math")] < 1e-5, (way, errors)
+    assert errors[("none", "default")] > 1e-2  # the floor is a different output
+    diffs = dict(re.findall(r"^tome (mask|mask16|values|shipped)\s+[\d.]+\s+[\d.]+\s+(\S+)$", out, re.M))
+    assert float(diffs["mask16"]) == 0.0 and float(diffs["shipped"]) == 0.0
+    assert float(diffs["values"]) < 1e-4
