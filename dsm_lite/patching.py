@@ -154,10 +154,7 @@ class MergeState:
         """Proportional attention's additive bias log(size), (B, 1, 1, N), or None."""
         if not self.prop_attn or self.size is None:
             return None
-        b, n, _ = self.size.shape
-        # log of float32 sizes, then cast to the attention's dtype (SDPA wants them equal)
-        bias = self.size.log().view(b, 1, 1, n)
-        return bias if dtype is None or dtype == bias.dtype else bias.to(dtype)
+        return log_size_bias(self.size, dtype or self.size.dtype)
 
     def square_ids(self, index: int, device: torch.device) -> Tensor:
         """(M,) paper window of each patch position entering local block ``index`` (cached)."""
@@ -230,6 +227,21 @@ def attention_qkv(attn: nn.Module, x: Tensor, fire_hooks: bool = True) -> Tuple[
     return (q if q_norm is None else q_norm(q)), (k if k_norm is None else k_norm(k)), v
 
 
+def log_size_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
+    """log(size) (B, N, 1) as an additive attention bias (B, 1, 1, N) in ``dtype``.
+
+    The log is taken of the float32 sizes and rounded once into ``dtype`` (SDPA wants the
+    bias in q's dtype). The bias is a view of the first N columns of a zero-filled buffer
+    whose last dimension is padded to a multiple of 16, so that its rows are 16-element
+    aligned. On an H100 under fp16 (``benchmarks/results/gpu-h100-prop-attn.txt``) an
+    unaligned mask made the attention call of ViT-B at batch 256 take 490 µs and the aligned
+    one 267 µs (164 µs without a bias).
+    """
+    b, n, _ = size.shape
+    bias = size.new_zeros(b, 1, 1, -(-n // 16) * 16, dtype=dtype)[..., :n]
+    return bias.copy_(size.log().view(b, 1, 1, n))
+
+
 def sized_sdpa(q: Tensor, k: Tensor, v: Tensor, size: Optional[Tensor],
                attn_mask: Optional[Tensor] = None, is_causal: bool = False,
                dropout_p: float = 0.0) -> Tensor:
@@ -237,21 +249,10 @@ def sized_sdpa(q: Tensor, k: Tensor, v: Tensor, size: Optional[Tensor],
 
     q, k, v: (B, H, N, head_dim); size: (B, N, 1) token sizes (None: plain attention).
     The bias log(size) enters as a float ``attn_mask`` of shape (B, 1, 1, N) in q's dtype,
-    added to ``attn_mask`` if one is given. Returns (B, H, N, head_dim).
-
-    The bias is stored with its last dimension padded to a multiple of 16 (zeros, never
-    read: SDPA sees a view of the first N columns), so that its rows are 16-element
-    aligned. On an H100 under fp16 (``benchmarks/results/gpu-h100-prop-attn.txt``) an
-    unaligned mask made the attention call of ViT-B at batch 256 take 490 µs and the
-    aligned one 267 µs (164 µs without a bias).
+    added to ``attn_mask`` if one is given (built by ``log_size_bias``). Returns
+    (B, H, N, head_dim).
     """
-    bias = None
-    if size is not None:
-        b, n, _ = size.shape
-        padded = q.new_zeros(b, 1, 1, -(-n // 16) * 16)
-        bias = padded[..., :n]
-        # log of float32 sizes, rounded once into the attention's dtype (SDPA wants them equal)
-        bias.copy_(size.log().view(b, 1, 1, n))
+    bias = None if size is None else log_size_bias(size, q.dtype)
     if attn_mask is not None:
         bias = attn_mask if bias is None else attn_mask + bias
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal,
