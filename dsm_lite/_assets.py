@@ -1,8 +1,8 @@
 """Where dsm_lite's files come from: an offline assets folder, or a verified download.
 
 Two sources, one layout. ``$DSM_LITE_ASSETS`` points at a folder laid out as
-``weights/<model>.safetensors``, ``imagenet-sample/<file>``, ``imagenette-val/<wnid>/<file>``
-plus a ``SHA256SUMS`` file. Without it, files are downloaded into a cache
+``weights/<model>.safetensors``, ``imagenet-sample/<file>``, ``imagenette-val/<wnid>/<file>``,
+``ilsvrc2012-val/<wnid>/<file>`` plus a ``SHA256SUMS`` file. Without it, files are downloaded into a cache
 (``$DSM_LITE_CACHE`` or ``~/.cache/dsm_lite``) with the same layout, each checked against
 the sha256 manifests shipped in ``dsm_lite/manifests/``.
 
@@ -52,7 +52,7 @@ _CHUNK = 1 << 16
 _TOKEN = secrets.token_hex(4)
 _PART = ".part-"
 
-# Pinned commits of the public homes of the two image sets (see the assets folder's README.md).
+# Pinned commits of the public homes of the image sets (see the assets folder's README.md).
 # A mirror given through DSM_LITE_DATA_URL must be laid out like the assets folder instead.
 SOURCES = {
     "imagenet-sample": (
@@ -63,7 +63,15 @@ SOURCES = {
         "https://raw.githubusercontent.com/thunderInfy/imagenette/"
         "b850f030ff0701c36a4adc8b928ea9483a46915b/val/"
     ),
+    # 1299 ILSVRC2012 validation photos, resized to 227x227 by their publisher; the source
+    # keeps them in one flat folder, the assets folder (and the cache) in WordNet-id folders.
+    "ilsvrc2012-val": (
+        "https://raw.githubusercontent.com/VeriSilicon/acuity-dataset/"
+        "aded2e9f22cd8fe0745aa57356c68cb95457aad9/ILSVRC2012_VAL_SET/data/"
+    ),
 }
+#: groups whose public source is one flat folder: the label folder is left out of the URL
+FLAT_SOURCES = frozenset({"ilsvrc2012-val"})
 
 
 class AssetNotFoundError(FileNotFoundError):
@@ -184,6 +192,8 @@ def _source_url(rel: str, base_url: Optional[str]) -> str:
         if group not in SOURCES:
             raise AssetNotFoundError(f"No public source known for {rel!r}; set DSM_LITE_ASSETS.")
         base = SOURCES[group]
+        if group in FLAT_SOURCES:
+            url_rel = url_rel.rsplit("/", 1)[-1]
     return base + urllib.parse.quote(url_rel)
 
 

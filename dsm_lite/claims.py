@@ -15,19 +15,105 @@ in points) and ``band`` (its :func:`~dsm_lite.stats.simultaneous_band`), as
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
 from . import compare, stats
+from .schedules import ModelShape, default_delay, plan
 from .stats import BootstrapCI
 
 __all__ = [
+    "PRIMARY", "PrimaryComparison", "Hypothesis", "declared_rs",
     "COLUMNS", "points", "interval", "matched_family", "holm_against", "saved_within_claim",
     "beats_tome_claim", "spatial_matches_tome_claim", "delay_claim", "throughput_claim",
     "feature_claim", "merge_vs_prune_claim", "local_blocks_claim", "reduction_claim",
 ]
+
+# --------------------------------------------------------------------------- the declared test
+@dataclass(frozen=True)
+class Hypothesis:
+    """One reading of DSM, compared with ToMe at equal GMACs in the confirmatory test.
+
+    ``delay`` is ``"paper"`` (depth / 6, :func:`~dsm_lite.schedules.default_delay`) or
+    ``"measured"`` (the transition block of chapter 2's rule, :func:`dsm_lite.probes.transition_block`,
+    measured on training photos before the test runs).
+    """
+    name: str
+    windows: str
+    delay: str
+
+
+@dataclass(frozen=True)
+class PrimaryComparison:
+    """The confirmatory comparison of DSM with ToMe, fixed before it ran on unseen photos.
+
+    Everything that decides the verdict is here, and chapter 5 states it in words before the
+    first result on ``photos``:
+
+    - **photos**: ``photos``, ILSVRC2012 validation photos no ImageNet-1k model trained on;
+    - **metric**: top-1 correctness per photo (what matters to a user of the model);
+    - **range**: every DSM point of the grid ``r = r_start, r_start + r_step, ...`` whose GMACs
+      are at least dense / ``max_reduction``: the paper claims "up to 1.8x FLOP reduction ... at a
+      negligible loss", so points beyond 1.8x fewer GMACs lie outside what it claims;
+    - **reference**: ToMe's per-photo results at ``tome_rs``, interpolated linearly in GMACs to
+      each DSM point (:func:`dsm_lite.compare.matched_differences`);
+    - **statistic**: the mean over the declared points of the per-photo difference, DSM minus
+      ToMe, in percentage points, with a paired percentile bootstrap over photos (``n_boot``
+      resamples, ``seed``);
+    - **hypotheses**: the two readings of DSM in ``hypotheses``; Holm over the two at ``alpha``
+      on two-sided bootstrap p-values of "difference = 0" decides whether a difference is
+      detected, and the interval for the verdicts has level ``1 - alpha / 2`` (Bonferroni over
+      the two, never narrower than Holm's);
+    - **decision rule** (:func:`dsm_lite.stats.verdict` on that interval): the paper's "DSM
+      beats ToMe by more than 1%" is *supported* if the interval lies above +``margin``,
+      *contradicted* if it lies below +``margin``; DSM and ToMe are *equivalent* if it lies
+      inside (-``margin``, +``margin``); anything else is *not detectable*.
+    """
+    photos: str = "ilsvrc2012-val"
+    metric: str = "top1"
+    max_reduction: float = 1.8
+    margin: float = 1.0
+    alpha: float = 0.05
+    n_boot: int = 2000
+    seed: int = 0
+    r_start: int = 8
+    r_step: int = 4
+    r_max: int = 64
+    tome_rs: Tuple[int, ...] = (4, 8, 12, 16, 20)
+    hypotheses: Tuple[Hypothesis, ...] = field(default_factory=lambda: (
+        Hypothesis("DSM (paper windows, D = depth/6)", windows="paper", delay="paper"),
+        Hypothesis("DSM (joint windows, measured D)", windows="joint", delay="measured"),
+    ))
+
+    @property
+    def level(self) -> float:
+        """Level of each hypothesis' interval: ``1 - alpha / 2``."""
+        return 1 - self.alpha / len(self.hypotheses)
+
+    def delay(self, hypothesis: Hypothesis, depth: int, measured: int) -> int:
+        """The hypothesis' delay D for a model of ``depth`` blocks."""
+        return default_delay(depth) if hypothesis.delay == "paper" else int(measured)
+
+
+#: the comparison chapter 5 declared before running it on ILSVRC2012 validation photos
+PRIMARY = PrimaryComparison()
+
+
+def declared_rs(shape: ModelShape, hypothesis: Hypothesis, delay: int,
+                spec: PrimaryComparison = PRIMARY) -> List[int]:
+    """DSM's r grid for ``hypothesis``: ``r_start, r_start + r_step, ...`` while its GMACs stay
+    at least dense / ``max_reduction`` (from the schedule alone: no photo is looked at)."""
+    limit = plan(shape, "tome", 0).macs / spec.max_reduction
+    rs = []
+    for r in range(spec.r_start, spec.r_max + 1, spec.r_step):
+        if plan(shape, "dsm", r, windows=hypothesis.windows, delay=delay).macs < limit:
+            break
+        rs.append(r)
+    return rs
+
 
 COLUMNS = ("claim (paper)", "paper", "this book (ViT-Ti)", "verdict")
 Row = Dict[str, str]

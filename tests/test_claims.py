@@ -118,3 +118,18 @@ def test_matched_family_is_the_mean_of_matched_differences():
     assert fam["rs"] == kept
     assert tuple(fam["mean"]) == tuple(stats.bootstrap_ci(diffs.mean(axis=1) * 100, 200, 0))
     np.testing.assert_array_equal(fam["band"].lo, stats.simultaneous_band(diffs * 100, 200, 0).lo)
+
+
+def test_declared_range_follows_the_schedules_alone() -> None:
+    """The confirmatory test's r grid: every point at most 1.8x fewer GMACs than dense, the next one beyond."""
+    from dsm_lite.claims import PRIMARY, declared_rs
+    from dsm_lite.schedules import ModelShape, plan
+    import timm
+    shape = ModelShape.from_model(timm.create_model("vit_tiny_patch16_224", pretrained=False))  # sizes only
+    dense = plan(shape, "tome", 0).macs
+    assert PRIMARY.photos == "ilsvrc2012-val" and PRIMARY.metric == "top1" and PRIMARY.level == 0.975
+    for h, d in zip(PRIMARY.hypotheses, (2, 4)):
+        rs = declared_rs(shape, h, d)
+        assert rs[0] == 8 and np.all(np.diff(rs) == 4)
+        macs = [plan(shape, "dsm", r, windows=h.windows, delay=d).macs for r in rs + [rs[-1] + 4]]
+        assert all(m >= dense / 1.8 for m in macs[:-1]) and macs[-1] < dense / 1.8

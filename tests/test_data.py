@@ -18,7 +18,7 @@ GREY = "imagenet-sample/n02096051_Airedale.JPEG"
 
 def test_manifest_is_complete() -> None:
     assert len(manifest("imagenet-sample")) == 1000 and len(manifest("imagenette-val")) == 3925
-    assert len(manifest("weights")) == 1
+    assert len(manifest("weights")) == 1 and len(manifest("ilsvrc2012-val")) == 1299
 
 
 def test_imagenet_sample_labels_follow_sorted_order(with_assets: Path) -> None:
@@ -138,3 +138,66 @@ def test_download_checksum_mismatch_and_404(real_assets: Path, offline_cache: Pa
         load_images("imagenet-sample", n=3, base_url=url)
     leftovers = [p for p in offline_cache.rglob("*") if p.is_file()]
     assert leftovers == []
+
+
+# --------------------------------------------------------------------------- ilsvrc2012-val
+UNSEEN_WNIDS = {"n01440764": 0, "n01443537": 1, "n15075141": 999}  # tench, goldfish, toilet tissue
+
+
+def test_ilsvrc2012_val_manifest() -> None:
+    files = manifest("ilsvrc2012-val")
+    assert len(files) == 1299
+    assert len({r.split("/")[1] for r in files}) == 725
+    import re
+    assert all(re.fullmatch(r"ilsvrc2012-val/n\d{8}/ILSVRC2012_val_\d{8}\.JPEG", r) for r in files)
+    # disjoint from the validation photos inside imagenette-val, by file name
+    assert not {r.rsplit("/", 1)[1] for r in files} & {r.rsplit("/", 1)[1] for r in ilsvrc_val_files()}
+
+
+def test_ilsvrc2012_val_labels_from_folders(with_assets: Path) -> None:
+    rels = [r for r in manifest("ilsvrc2012-val") if r.split("/")[1] in UNSEEN_WNIDS]
+    s = load_images("ilsvrc2012-val", files=rels)
+    # independent of the package's lookup: three WordNet ids whose class indices are well known
+    assert s.labels.tolist() == [UNSEEN_WNIDS[r.split("/")[1]] for r in rels]
+    assert s.images.shape == (len(rels), 3, 224, 224)  # 227x227 photos, resized and cropped as usual
+    whole = load_images("ilsvrc2012-val", n=30, seed=0)
+    assert len(whole) == 30 and len(set(whole.labels.tolist())) == 30  # stratified: 30 classes
+    assert whole.labels10 is None
+
+
+def test_ilsvrc2012_val_missing_or_corrupt_file(tmp_path: Path, with_assets: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsm_lite._assets import AssetNotFoundError
+    rels = list(manifest("ilsvrc2012-val"))[:3]
+    fake = tmp_path / "assets"
+    for r in rels[:2]:
+        (fake / r).parent.mkdir(parents=True, exist_ok=True)
+        (fake / r).symlink_to(with_assets / r)
+    monkeypatch.setenv("DSM_LITE_ASSETS", str(fake))
+    with pytest.raises(AssetNotFoundError, match=rels[2].rsplit("/", 1)[1]):
+        load_images("ilsvrc2012-val", files=rels)
+    (fake / rels[1]).unlink()
+    (fake / rels[1]).write_bytes((with_assets / rels[1]).read_bytes()[:700])
+    with pytest.raises(CorruptImageError, match=rels[1].rsplit("/", 1)[1]):
+        load_images("ilsvrc2012-val", files=rels[:2])
+
+
+def test_ilsvrc2012_val_downloads_from_its_flat_public_home(real_assets: Path, tmp_path: Path, serve,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The public source keeps every photo in one folder; the cache sorts them by label."""
+    from dsm_lite import _assets
+    rels = list(manifest("ilsvrc2012-val"))[::400]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for r in rels:
+        shutil.copy(real_assets / r, flat / r.rsplit("/", 1)[1])
+    monkeypatch.delenv("DSM_LITE_ASSETS", raising=False)
+    monkeypatch.delenv("DSM_LITE_DATA_URL", raising=False)
+    monkeypatch.setenv("DSM_LITE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(_assets.SOURCES, "ilsvrc2012-val", serve(flat).rstrip("/") + "/")
+    s = load_images("ilsvrc2012-val", files=rels)
+    assert s.paths == rels
+    for r in rels:
+        got = tmp_path / "cache" / r
+        assert hashlib.sha256(got.read_bytes()).hexdigest() == manifest("ilsvrc2012-val")[r]
+    assert _assets._source_url(rels[0], None).endswith("/" + rels[0].rsplit("/", 1)[1])
