@@ -12,24 +12,29 @@ zero-merging end, sorted by GMACs.
 - :func:`equal_gmacs`, :func:`matched_differences`: a method minus a reference method at the
   GMACs of each of its points (paired bootstrap per point, or the per-photo differences for
   :func:`dsm_lite.stats.simultaneous_band`).
-- :func:`paired_columns`, :func:`vs`: paired differences between rows, as table columns.
+- :func:`paired_columns`, :func:`vs`: paired differences between rows, as table columns;
+  :func:`merge_vs_prune`, :func:`by_delay`: two ablations' tables.
+- :func:`read_throughput_table`: the speed of the methods, as ``benchmarks/throughput.py``
+  measured it (the book reads its committed results instead of timing in a notebook).
 - :func:`saved_within`, :func:`saved_within_ci`: the share of dense GMACs a method saves before
-  a metric falls a given drop below dense.
+  a metric falls a given drop below dense; :func:`saved_difference_ci`: two methods' savings,
+  one minus the other, on the same resamples (paired).
 
 Metrics are sweep columns with per-photo values: ``top1``, ``top5``, ``agreement``, ``kl``.
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
 from .evaluation import PER_PHOTO, EvalResult
-from .stats import bootstrap_indices, paired_bootstrap
+from .stats import bootstrap_indices, holm, paired_bootstrap, paired_pvalue
 
 __all__ = ["per_photo", "curve", "at_gmacs", "pooled", "equal_gmacs", "matched_differences",
-           "paired_columns", "vs", "saved_within", "saved_within_ci"]
+           "paired_columns", "vs", "saved_within", "saved_within_ci", "saved_difference_ci",
+           "merge_vs_prune", "by_delay", "read_throughput_table"]
 
 Sweeps = Mapping[str, pd.DataFrame]
 
@@ -254,3 +259,105 @@ def saved_within_ci(sweeps: Sweeps, label: str, metric: str, drop: float = 0.01,
     boot, _ = saved_within(sweeps, label, metric, drop, idx=bootstrap_indices(n, n_boot, seed))
     lo, hi = np.quantile(boot, np.round([(1 - level) / 2, (1 + level) / 2], 12))
     return dict(est=float(est[0]), lo=float(lo), hi=float(hi), censored=censored)
+
+
+def saved_difference_ci(sweeps: Sweeps, label: str, ref: str, metric: str = "top1", drop: float = 0.01,
+                        n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> Dict[str, float]:
+    """``label``'s saving minus ``ref``'s (:func:`saved_within`), paired: both on the same resamples.
+
+    Each bootstrap resample of the pooled photos redoes both walks down the curves, so photos
+    that are hard for both methods move both savings together and cancel in the difference.
+
+    Returns:
+        dict ``est, lo, hi`` (difference of shares of dense GMACs; positive: ``label`` saves more)
+        and ``censored_label``, ``censored_ref`` (either saving is a bound: then so is the
+        difference, in the direction of the censored method).
+    """
+    a, ca = saved_within(sweeps, label, metric, drop)
+    b, cb = saved_within(sweeps, ref, metric, drop)
+    n = sum(len(next(iter(df.result))) for df in sweeps.values())
+    idx = bootstrap_indices(n, n_boot, seed)
+    boot = saved_within(sweeps, label, metric, drop, idx=idx)[0] - saved_within(sweeps, ref, metric, drop, idx=idx)[0]
+    lo, hi = np.quantile(boot, np.round([(1 - level) / 2, (1 + level) / 2], 12))
+    return dict(est=float(a[0] - b[0]), lo=float(lo), hi=float(hi), censored_label=ca, censored_ref=cb)
+
+
+def merge_vs_prune(mp: pd.DataFrame, metrics: Sequence[str] = ("top1", "agreement"), n_boot: int = 2000,
+                   seed: int = 0) -> Tuple[pd.DataFrame, Dict[str, Any]]:
+    """Merging against pruning, feature by feature (the paper's Table 4), on one photo set.
+
+    Args:
+        mp: a sweep table with one ``reduction="merge"`` and one ``"prune"`` row per ``feature``.
+
+    Returns:
+        (one row per feature: ``feature`` (upper case), ``gmacs_merge, gmacs_prune``, each metric
+        for both in points, ``d_<metric>`` merge minus prune with its paired interval,
+        ``p_agreement``, ``holm_p``, ``holm_reject`` (Holm over the features);
+        the best merge against the best prune by agreement: ``merge, prune, d, lo, hi`` (points),
+        ``n_sig`` / ``n_sig_prune`` (features where merging / pruning is detectably better)).
+    """
+    rows = []
+    for f in dict.fromkeys(mp.feature):
+        a = mp[(mp.feature == f) & (mp.reduction == "merge")].iloc[0]
+        b = mp[(mp.feature == f) & (mp.reduction == "prune")].iloc[0]
+        row = dict(feature=f.upper(), gmacs_merge=a.gmacs, gmacs_prune=b.gmacs)
+        for m in metrics:
+            row.update({f"{m}_merge": a[m] * 100, f"{m}_prune": b[m] * 100},
+                       **paired_columns(a.result, b.result, (m,), n_boot, seed))
+        row["p_agreement"] = paired_pvalue(a.result.agree, b.result.agree, n_boot, seed)
+        rows.append(row)
+    mvp = pd.DataFrame(rows)
+    mvp["holm_p"], mvp["holm_reject"] = holm(mvp.p_agreement)
+    best_m = mvp.loc[mvp.agreement_merge.idxmax()]
+    best_p = mvp.loc[mvp.agreement_prune.idxmax()]
+    pick = lambda f, red: mp[(mp.feature == f.lower()) & (mp.reduction == red)].iloc[0].result.agree  # noqa: E731
+    d = paired_bootstrap(pick(best_m.feature, "merge"), pick(best_p.feature, "prune"), n_boot, seed)
+    best = dict(merge=best_m.feature, prune=best_p.feature, d=d.estimate * 100, lo=d.lo * 100, hi=d.hi * 100,
+                n_sig=int((mvp.holm_reject & (mvp.d_agreement > 0)).sum()),
+                n_sig_prune=int((mvp.holm_reject & (mvp.d_agreement < 0)).sum()))
+    return mvp, best
+
+
+def by_delay(dl: pd.DataFrame, metrics: Sequence[str] = ("top1", "agreement"), n_boot: int = 2000,
+             seed: int = 0) -> pd.DataFrame:
+    """DSM by delay D, each row minus D = 0 in the same setting (the sweep's ``label``), in points.
+
+    Returns:
+        One row per sweep row: ``setting, D, r, gmacs, top1, agreement`` (points) and
+        ``d_<metric>, d_<metric>_lo, d_<metric>_hi``.
+    """
+    rows = []
+    for label, g in dl.groupby("label", sort=False):
+        ref = g[g.delay == 0].iloc[0]
+        for _, x in g.iterrows():
+            rows.append(dict(setting=label, D=x.delay, r=x.r, gmacs=x.gmacs, top1=x.top1 * 100,
+                             agreement=x.agreement * 100, **paired_columns(x.result, ref.result, metrics, n_boot, seed)))
+    return pd.DataFrame(rows)
+
+
+def read_throughput_table(text: str) -> "pd.DataFrame":
+    """The table that ``benchmarks/throughput.py`` prints (and ``benchmarks/results/`` keeps), parsed.
+
+    Args:
+        text: the printed output: a device line, then per model its name and one row per
+            config, ``method r GMACs im/s ± std speed-up MAC-red. efficiency``.
+
+    Returns:
+        One row per config: ``model, method, r, gmacs, ims, std, speedup, mac_reduction,
+        efficiency``.
+    """
+    rows, model = [], None
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 1 and not line.startswith(" "):
+            model = fields[0]
+        elif len(fields) == 8 and model is not None and fields[1].isdigit():
+            try:
+                values = [float(v) for v in fields[2:]]
+            except ValueError:
+                continue
+            rows.append(dict(model=model, method=fields[0], r=int(fields[1]), **dict(zip(
+                ("gmacs", "ims", "std", "speedup", "mac_reduction", "efficiency"), values))))
+    if not rows:
+        raise ValueError("no throughput table found in the text")
+    return pd.DataFrame(rows)

@@ -363,3 +363,4 @@ class CudaGraphed:
         self.static_input.copy_(x)
         self.graph.replay()
         return self.static_output
+

@@ -449,7 +449,8 @@ METRIC_LABELS = {
 }
 _PERCENT = {"top1", "top5", "agreement", "d_top1"}
 #: one colour per method in every chapter's figures
-METHOD_COLORS = {"dense": "k", "ToMe": "tab:blue", "spatial": "tab:orange", "DSM": "tab:green"}
+METHOD_COLORS = {"dense": "k", "ToMe": "tab:blue", "spatial": "tab:orange", "spatial (paper)": "tab:orange",
+                 "spatial (joint)": "#b35806", "DSM": "tab:green"}  # joint: a darker orange
 #: one colour per window (a qualitative palette: neighbouring windows differ)
 WINDOW_COLORS = tuple(tuple(c) for c in sns.color_palette("Set2", 8))
 #: colours for curves that are none of the methods (variants, ablations), in this order

@@ -79,7 +79,7 @@ def test_every_url_naming_the_repository_agrees_with_config():
     texts = {p.name: p.read_text() for p in NOTEBOOKS + [REPO / "README.md", REPO / "book" / "intro.md"]}
     for name, text in texts.items():
         for found in re.findall(r"github\.com/([\w.-]+/[\w.-]+?)(?:\.git)?(?=[/@\"')\s])", text):
-            if found.split("/")[0] in ("EliSchwartz", "thunderInfy", "huggingface", "facebookresearch"):
+            if found.split("/")[0] in ("EliSchwartz", "thunderInfy", "VeriSilicon", "huggingface", "facebookresearch"):
                 continue  # the photos' and references' public homes, not this repository
             assert found == slug, f"{name} names {found}, _config.yml says {slug}"
         for ref in re.findall(rf"{re.escape(slug)}(?:/blob/|@)([\w.-]+)", text):

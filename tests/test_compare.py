@@ -232,3 +232,20 @@ def test_bad_metric_and_missing_row(sweeps):
         compare.per_photo(sweeps["imagenet-sample"].result.iloc[0], "accuracy")
     with pytest.raises(KeyError, match="r = 99"):
         compare.pooled(sweeps, "ToMe", "top1", r=99)
+
+
+def test_saved_difference_is_paired(sweeps):
+    same = compare.saved_difference_ci(sweeps, "ToMe", "ToMe", "top1", n_boot=N_BOOT, seed=SEED)
+    assert (same["est"], same["lo"], same["hi"]) == (0.0, 0.0, 0.0)  # one method against itself: exactly 0
+    d = compare.saved_difference_ci(sweeps, "DSM", "ToMe", "top1", n_boot=N_BOOT, seed=SEED)
+    a = compare.saved_within_ci(sweeps, "DSM", "top1", n_boot=N_BOOT, seed=SEED)
+    b = compare.saved_within_ci(sweeps, "ToMe", "top1", n_boot=N_BOOT, seed=SEED)
+    assert d["est"] == pytest.approx(a["est"] - b["est"], abs=1e-12)
+    assert (d["censored_label"], d["censored_ref"]) == (a["censored"], b["censored"])
+    # the reference: each resample walks both curves on the same photos
+    n = sum(len(df.result.iloc[0]) for df in sweeps.values())
+    idx = bootstrap_indices(n, N_BOOT, SEED)
+    boot = np.array([compare.saved_within(sweeps, "DSM", "top1", idx=idx[i:i + 1])[0][0]
+                     - compare.saved_within(sweeps, "ToMe", "top1", idx=idx[i:i + 1])[0][0] for i in range(N_BOOT)])
+    assert (d["lo"], d["hi"]) == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])), abs=1e-12)
+    assert d["lo"] <= d["est"] <= d["hi"]

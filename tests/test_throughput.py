@@ -232,3 +232,24 @@ def test_prop_attn_script_ways_agree_on_cpu(capsys):
     diffs = dict(re.findall(r"^tome (mask|mask16|values|shipped)\s+[\d.]+\s+[\d.]+\s+(\S+)$", out, re.M))
     assert float(diffs["mask16"]) == 0.0 and float(diffs["shipped"]) == 0.0
     assert float(diffs["values"]) < 1e-4
+
+
+def test_read_throughput_table_parses_the_committed_files():
+    from pathlib import Path
+    from dsm_lite.compare import read_throughput_table
+    text = """Device: CPU (x86_64, 2 threads); batch 32
+vit_tiny_patch16_224
+method     r   GMACs     im/s   ± std  speed-up  MAC red. efficiency
+dense      0   1.255     59.8     1.8     1.000     1.000      1.000
+tome       8   0.930     85.1     3.1     1.422     1.349      1.054
+  tome: lowest efficiency at r>=8: 1.054; slower than dense at r=none
+"""
+    t = read_throughput_table(text)
+    assert t.method.tolist() == ["dense", "tome"] and t.r.tolist() == [0, 8]
+    assert t.iloc[1].to_dict() == dict(model="vit_tiny_patch16_224", method="tome", r=8, gmacs=0.930, ims=85.1, std=3.1,
+                                       speedup=1.422, mac_reduction=1.349, efficiency=1.054)
+    with pytest.raises(ValueError, match="no throughput table"):
+        read_throughput_table("nothing here")
+    shipped = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu-2core-vit_tiny.txt"
+    t = read_throughput_table(shipped.read_text())
+    assert len(t) == 13 and (t.speedup / t.mac_reduction - t.efficiency).abs().max() < 2e-3
