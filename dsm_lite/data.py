@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import timm.data
@@ -46,29 +45,90 @@ class CorruptImageError(RuntimeError):
     """An image file cannot be decoded (truncated or not an image)."""
 
 
-@dataclass
 class ImageSet:
-    """A preprocessed photo set.
+    """A preprocessed photo set whose pixels are decoded on first use.
+
+    Paths and labels are known up front; the photos are read, decoded and preprocessed only
+    when pixels are asked for: all of them by :attr:`images`, or just some by :meth:`take`. A
+    chapter whose sweeps the results store serves thus decodes only the photos it draws.
 
     Attributes:
-        images: (N, 3, H, W) float32, normalised with the model's mean/std, on the CPU (the
-            package's functions move each batch to the model's device themselves).
+        images: (N, 3, H, W) in the default dtype of :func:`load_images`'s call (float32,
+            float64 under :func:`dsm_lite.book_numerics`), normalised with the model's mean/std, on the CPU (the
+            package's functions move each batch to the model's device themselves); decoded
+            on first access, then kept.
         labels: (N,) int64 ImageNet-1k class indices, on the CPU.
         paths: N relative paths (``<set>/<file>``), as in the assets folder.
         class_names: the 1000 ImageNet-1k class names (``class_names[labels[i]]``).
         labels10: for imagenette-val, the 10-way index (N,).
         classes10: for imagenette-val, the 10 ImageNet indices.
+        shape, dtype: those of :attr:`images`, known without decoding.
     """
-    name: str
-    images: torch.Tensor
-    labels: torch.Tensor
-    paths: List[str]
-    class_names: List[str]
-    labels10: Optional[torch.Tensor] = None
-    classes10: Optional[List[int]] = None
+
+    def __init__(self, name: str, images: Optional[torch.Tensor], labels: torch.Tensor, paths: List[str],
+                 class_names: List[str], labels10: Optional[torch.Tensor] = None,
+                 classes10: Optional[List[int]] = None, *,
+                 decode: Optional[Callable[[List[str]], torch.Tensor]] = None,
+                 shape: Optional[Tuple[int, ...]] = None, dtype: torch.dtype = torch.float32):
+        if (images is None) == (decode is None):
+            raise ValueError("give an ImageSet either its images or a decode function, not both")
+        if images is None and (shape is None or shape[0] != len(paths)):
+            raise ValueError(f"a lazily decoded ImageSet needs shape (N, 3, H, W) with N = {len(paths)}")
+        self.name, self.labels, self.paths, self.class_names = name, labels, paths, class_names
+        self.labels10, self.classes10 = labels10, classes10
+        self._images, self._decode = images, decode
+        self._shape = tuple(images.shape) if images is not None else tuple(shape)
+        self._dtype = images.dtype if images is not None else dtype
+        self._decoded: Dict[int, torch.Tensor] = {}  # photos decoded one by one, by index
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def __repr__(self) -> str:
+        return (f"ImageSet({self.name!r}, {len(self)} photos, {self.decoded} decoded, "
+                f"shape={self.shape})")
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return self._shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def decoded(self) -> int:
+        """How many photos have been decoded so far."""
+        return len(self) if self._images is not None else len(self._decoded)
+
+    @property
+    def images(self) -> torch.Tensor:
+        if self._images is None:
+            everything = list(range(len(self)))
+            # decoded straight into one tensor: all photos of a set can be gigabytes
+            self._images = self._decode(self.paths) if not self._decoded else self._pixels(everything)
+            self._decoded.clear()
+        return self._images
+
+    def take(self, index) -> torch.Tensor:
+        """(k, 3, H, W) pixels of the photos at ``index`` (ints, a slice, an index tensor or
+        a boolean mask), decoding only those: ``photos.take(idx)`` equals ``photos.images[idx]``."""
+        if self._images is not None:
+            return self._images[index]
+        picked = torch.arange(len(self))[index]
+        return self._pixels(picked.reshape(-1).tolist()).reshape(*picked.shape, *self._shape[1:])
+
+    def _pixels(self, idx: List[int]) -> torch.Tensor:
+        missing = [i for i in dict.fromkeys(idx) if i not in self._decoded]
+        if missing:
+            x = self._decode([self.paths[i] for i in missing])
+            if tuple(x.shape[1:]) != self._shape[1:] or x.dtype != self._dtype:
+                raise RuntimeError(f"decoded photos are {tuple(x.shape[1:])} {x.dtype}, expected "
+                                   f"{self._shape[1:]} {self._dtype}")
+            self._decoded.update(zip(missing, x))
+        if not idx:
+            return torch.empty((0, *self._shape[1:]), dtype=self._dtype)
+        return torch.stack([self._decoded[i] for i in idx])
 
 
 @lru_cache(maxsize=None)
@@ -188,6 +248,11 @@ def load_images(
     :func:`ilsvrc_val_files`) picks exactly those photos instead, in the set's order.
     ``base_url`` (or ``$DSM_LITE_DATA_URL``) replaces the public sources by a mirror laid out
     like the assets folder. The tensors are on the CPU, whatever device ``model`` is on.
+
+    Nothing is decoded (or downloaded) here: the set's pixels are decoded when first asked
+    for (:attr:`ImageSet.images`, or :meth:`ImageSet.take` for a few), so a
+    :class:`CorruptImageError` surfaces then. With ``$DSM_LITE_ASSETS`` set, a missing file
+    fails here.
     """
     files_all = _files(name)
     if files is not None:
@@ -198,9 +263,13 @@ def load_images(
         rels = [r for r in files_all if r in wanted]
     else:
         rels = _choose(list(files_all), n, seed, stratified)
-    images = _preprocess(_local_paths(name, rels, base_url), model)
+    if assets_dir() is not None:
+        _local_paths(name, rels, base_url)  # a missing file fails now, not when first drawn
+    config, dtype = data_config(model), torch.get_default_dtype()
     labels = torch.tensor([_label(r) for r in rels], dtype=torch.long)
-    out = ImageSet(name, images, labels, rels, class_names())
+    out = ImageSet(name, None, labels, rels, class_names(), shape=(len(rels), *config["input_size"]),
+                   dtype=dtype,
+                   decode=lambda chosen: _preprocess(_local_paths(name, chosen, base_url), config, dtype))
     if name == "imagenette-val":
         out.classes10 = sorted({_label(r) for r in files_all})
         out.labels10 = torch.tensor([out.classes10.index(int(l)) for l in labels], dtype=torch.long)
@@ -214,9 +283,17 @@ def ilsvrc_val_files() -> List[str]:
     return [r for r in _files("imagenette-val") if Path(r).name.startswith("ILSVRC2012_val_")]
 
 
-def _preprocess(paths: List[Path], model) -> torch.Tensor:
-    """(N, 3, H, W) float32: the files decoded and run through timm's eval transform."""
+def _preprocess(paths: List[Path], model, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """(N, 3, H, W): the files decoded and run through timm's eval transform, in ``dtype`` (the
+    transform's float type; default: torch's default dtype now)."""
     transform = timm.data.create_transform(**data_config(model), is_training=False)
+    if dtype is not None and dtype != torch.get_default_dtype():
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # the transform converts to the default float type
+        try:
+            return _preprocess(paths, model)
+        finally:
+            torch.set_default_dtype(before)
 
     def prep(path: Path) -> torch.Tensor:
         return transform(_open_rgb(path))

@@ -5,6 +5,7 @@ Shapes: ``N`` photos, ``K`` classes (1000 for ImageNet-1k heads).
 - :func:`evaluate`: per-photo results (:class:`EvalResult`) of one (patched) model.
 - :func:`per_image_metrics`: the same from logits already computed.
 - :func:`dense_logits`: the model's logits with merging switched off for the call.
+- :func:`predict_among`: the model's choice among a few classes, from a stored top-5.
 
 Many configs at once, cached, are :func:`dsm_lite.sweeps.sweep`'s; intervals over photos are
 :mod:`dsm_lite.stats`'s.
@@ -16,7 +17,7 @@ KL(dense || merged) measure exactly what merging changes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +27,8 @@ from .models import predict
 from .numerics import widen
 from .patching import patch, patch_settings, unpatch
 
-__all__ = ["EvalResult", "PER_PHOTO", "evaluate", "dense_logits", "per_image_metrics", "repatch"]
+__all__ = ["EvalResult", "PER_PHOTO", "evaluate", "dense_logits", "per_image_metrics", "predict_among",
+           "repatch"]
 
 #: sweep column -> the :class:`EvalResult` field holding its per-photo values
 PER_PHOTO = {"top1": "correct1", "top5": "correct5", "agreement": "agree", "kl": "kl"}
@@ -200,3 +202,28 @@ def evaluate(model: nn.Module, images, labels: Optional[Tensor] = None,
         dense = dense_logits(model, images, batch_size, progress)
     logits = predict(model, images, batch_size, progress, desc="merged")
     return per_image_metrics(logits, dense, labels, keep_logits)
+
+
+def predict_among(classes: Sequence[int], top5: np.ndarray, model: nn.Module, images,
+                  batch_size: int = 64) -> np.ndarray:
+    """(N,) int64: each photo's most probable class among ``classes`` only, as an index into
+    ``classes`` (e.g. Imagenette's 10-way prediction of an ImageNet-1k model).
+
+    Read from ``top5`` (N, 5), the model's five best classes best first (as in
+    :attr:`EvalResult.top5`, e.g. from the results store) where it holds one of ``classes``:
+    the first such class outscores every class of ``classes`` outside the top five. Only the
+    photos whose top five hold none of them are run through ``model`` (as it is patched);
+    ``images`` is an ``ImageSet`` (only those photos are decoded) or an (N, 3, H, W) tensor.
+    """
+    classes = [int(c) for c in classes]
+    top5 = np.asarray(top5, dtype=np.int64)
+    index_of = np.full(max(classes + [int(top5.max(initial=0))]) + 1, -1)  # class -> index in classes
+    index_of[classes] = np.arange(len(classes))
+    pos = index_of[top5]                                      # (N, 5), -1 outside ``classes``
+    first = (pos >= 0).argmax(axis=1)                         # best-ranked of ``classes``
+    out = np.where((pos >= 0).any(axis=1), pos[np.arange(len(pos)), first], -1)
+    ask = np.flatnonzero(out < 0)
+    if len(ask):
+        x = images.take(ask) if hasattr(images, "take") else images[torch.from_numpy(ask)]
+        out[ask] = predict(model, x, batch_size)[:, classes].argmax(dim=1).numpy()
+    return out.astype(np.int64)

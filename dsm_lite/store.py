@@ -374,6 +374,10 @@ def verify(path: os.PathLike | str = BOOK_STORE, n_photos: int = 8, seed: int = 
            progress: bool = False) -> Tuple[int, List[StoreMismatch]]:
     """Recompute ``n_photos`` seeded photos of every entry (or of ``keys``) and compare.
 
+    Each entry draws its photos (seeded by its key) from a pool of ``4 * n_photos`` photos
+    seeded by its photo list, which all entries on that list share: each pooled photo is
+    decoded and run through the dense model once, however many entries check it.
+
     Predictions, top-5, correctness and agreement must match exactly; KL and confidence within
     ``kl_tol`` (absolute). Configs with ``feature="random"`` replay their first recorded
     batch instead, since a photo's random draws depend on its place in the batch. Runs on the
@@ -395,7 +399,7 @@ def _verify(entries, n_photos, seed, kl_tol, keys, progress) -> Tuple[int, List[
     keys = sorted(entries) if keys is None else list(keys)
     mismatches: List[StoreMismatch] = []
     models: Dict[Tuple[str, str], torch.nn.Module] = {}
-    photo_cache: Dict[Tuple[str, ...], Any] = {}
+    photos = _PhotoCache()
     for key in keys:
         meta = entries[key]["__meta__"]
         ctx, cfg = meta["context"], meta["config"]
@@ -408,21 +412,9 @@ def _verify(entries, n_photos, seed, kl_tol, keys, progress) -> Tuple[int, List[
                                  f"load_model() gives {weights_fingerprint(m)}")
             models[(ctx["weights"], ctx["dtype"])] = m
         model = models[(ctx["weights"], ctx["dtype"])]
-        paths = meta["photos"]
-        batch = len(paths)
-        if cfg.get("feature") == "random":
-            # random features are drawn per forward pass, (B, N, D) at a time, so a photo's
-            # draws depend on its place in its batch: replay the recorded first batch
-            batch = meta["recorded"]["batch_size"]
-            idx = np.arange(min(batch, len(paths)))
-        else:
-            rng = np.random.default_rng([seed, int(key[:8], 16)])
-            idx = np.sort(rng.choice(len(paths), size=min(n_photos, len(paths)), replace=False))
-        sub = tuple(paths[i] for i in idx)
-        if sub not in photo_cache:
-            photo_cache[sub] = load_photos(list(sub), model)
-        images, labels = photo_cache[sub]
-        dense = dense_logits(model, images, batch_size=len(sub), progress=False)
+        idx, batch = _photos_to_check(key, meta, n_photos, seed)
+        sub = [meta["photos"][i] for i in idx]
+        images, labels, dense = photos.get(sub, model, (ctx["weights"], ctx["dtype"]))
         if cfg.get("dense"):
             logits = dense
         else:
@@ -439,6 +431,50 @@ def _verify(entries, n_photos, seed, kl_tol, keys, progress) -> Tuple[int, List[
             print(f"{'FAIL' if m is not None else 'ok  '} {meta.get('label')} {cfg.get('method', '')} "
                   f"r={cfg.get('r', 0)}", file=sys.stderr)
     return len(keys), mismatches
+
+
+#: each photo list's entries are checked on photos drawn from one seeded pool this many times
+#: ``n_photos`` large, so the dense model runs once per pooled photo, not once per entry
+_POOL = 4
+
+
+def _photos_to_check(key: str, meta: Dict[str, Any], n_photos: int, seed: int) -> Tuple[np.ndarray, int]:
+    """(indices into the entry's photo list, batch size) of the photos :func:`verify` recomputes."""
+    paths = meta["photos"]
+    if meta["config"].get("feature") == "random":
+        # random features are drawn per forward pass, (B, N, D) at a time, so a photo's
+        # draws depend on its place in its batch: replay the recorded first batch
+        batch = meta["recorded"]["batch_size"]
+        return np.arange(min(batch, len(paths))), batch
+    pool_rng = np.random.default_rng([seed, int(_photos_id(paths)[:8], 16)])
+    pool = pool_rng.choice(len(paths), size=min(_POOL * n_photos, len(paths)), replace=False)
+    rng = np.random.default_rng([seed, int(key[:8], 16)])
+    idx = np.sort(rng.choice(pool, size=min(n_photos, len(pool)), replace=False))
+    return idx, len(idx)
+
+
+class _PhotoCache:
+    """Photos :func:`verify` has decoded, with their labels and the dense model's logits, so
+    entries that check the same photo decode it and run the dense model on it once."""
+
+    def __init__(self):
+        self.pixels: Dict[Tuple[str, str], Tuple[torch.Tensor, int]] = {}
+        self.dense: Dict[Tuple[Tuple[str, str], str], torch.Tensor] = {}
+
+    def get(self, rels: List[str], model: torch.nn.Module, model_id: Tuple[str, str]):
+        """(images (k, 3, H, W), labels (k,), dense logits (k, K)) of ``rels``."""
+        dtype = str(torch.get_default_dtype())  # the dtype the photos are preprocessed in
+        new = [r for r in dict.fromkeys(rels) if (dtype, r) not in self.pixels]
+        if new:
+            images, labels = load_photos(new, model)
+            self.pixels.update(((dtype, r), (x, int(y))) for r, x, y in zip(new, images, labels))
+        images = torch.stack([self.pixels[dtype, r][0] for r in rels])
+        labels = torch.tensor([self.pixels[dtype, r][1] for r in rels], dtype=torch.long)
+        todo = [i for i, r in enumerate(rels) if (model_id, r) not in self.dense]
+        if todo:
+            logits = dense_logits(model, images[todo], batch_size=len(todo), progress=False)
+            self.dense.update(((model_id, rels[i]), row) for i, row in zip(todo, logits))
+        return images, labels, torch.stack([self.dense[(model_id, r)] for r in rels])
 
 
 def _mismatch(key: str, meta: Dict[str, Any], want: Dict[str, np.ndarray], have: Dict[str, Any],

@@ -223,7 +223,7 @@ def sweep(
         labels = labels.cpu()
     if dense is not None:  # analysis runs on the CPU, whatever device the logits came from
         dense = widen(dense.detach()).cpu()
-    n = len(image_tensor(images))
+    n = len(images)  # an ImageSet's photos are decoded only if something must run
     saved = patch_settings(model)
     use_cache = cache_dir is not False
     root = Path(cache_dir) if isinstance(cache_dir, (str, os.PathLike)) else sweep_cache_dir()
@@ -306,9 +306,8 @@ class _StoreKeys:
         if self.store is None:
             return
         paths = getattr(images, "paths", None)
-        if paths is not None:
-            x = image_tensor(images)
-            blob = json.dumps(dict(paths=list(paths), shape=list(x.shape), dtype=str(x.dtype),
+        if paths is not None:  # an ImageSet knows its shape without decoding a photo
+            blob = json.dumps(dict(paths=list(paths), shape=list(images.shape), dtype=str(images.dtype),
                                    transform=data_config(model)), sort_keys=True, default=str)
             photos = "paths:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
         elif self.store.mode != "read":

@@ -100,8 +100,13 @@ def test_corrupt_image(tmp_path: Path, with_assets: Path, monkeypatch: pytest.Mo
     (fake / rels[0]).symlink_to(with_assets / rels[0])
     (fake / rels[1]).write_bytes((with_assets / rels[1]).read_bytes()[:1000])
     monkeypatch.setenv("DSM_LITE_ASSETS", str(fake))
+    lazy = load_images("imagenet-sample", n=2, seed=0)  # decoded on first use, not here
+    assert lazy.take([0]).shape == (1, 3, 224, 224)    # the good photo decodes alone
     with pytest.raises(CorruptImageError, match=rels[1].split("/")[1]):
-        load_images("imagenet-sample", n=2, seed=0)
+        lazy.images
+    with pytest.raises(CorruptImageError, match=rels[1].split("/")[1]):
+        lazy.take([1])
+    assert lazy.decoded == 1  # nothing half-decoded was kept
 
 
 @pytest.fixture
@@ -116,6 +121,11 @@ def test_download_from_mirror(real_assets: Path, offline_cache: Path, serve, mon
     monkeypatch.setenv("DSM_LITE_DATA_URL", serve(real_assets))
     s = load_images("imagenette-val", n=10, seed=0)
     assert len(s) == 10 and s.labels10.tolist() == list(range(10))
+    assert not any(p.is_file() for p in offline_cache.rglob("*"))  # nothing fetched before it is needed
+    s.take([0, 1])
+    assert sorted(p.name for p in offline_cache.rglob("*") if p.is_file()) == sorted(
+        r.rsplit("/", 1)[1] for r in s.paths[:2])
+    s.images
     downloaded = sorted(p.relative_to(offline_cache).as_posix() for p in offline_cache.rglob("*") if p.is_file())
     assert downloaded == sorted(s.paths)  # only what the subset needs, nothing partial
     assert load_photo(APOSTROPHE).mode == "RGB"  # URL-quoted name
@@ -135,7 +145,7 @@ def test_download_checksum_mismatch_and_404(real_assets: Path, offline_cache: Pa
     with pytest.raises(DownloadError, match="404"):
         fetch(rel_missing, files[rel_missing], base_url=url)
     with pytest.raises(DownloadError, match="404"):
-        load_images("imagenet-sample", n=3, base_url=url)
+        load_images("imagenet-sample", n=3, base_url=url).images  # downloaded when first decoded
     leftovers = [p for p in offline_cache.rglob("*") if p.is_file()]
     assert leftovers == []
 
@@ -179,7 +189,7 @@ def test_ilsvrc2012_val_missing_or_corrupt_file(tmp_path: Path, with_assets: Pat
     (fake / rels[1]).unlink()
     (fake / rels[1]).write_bytes((with_assets / rels[1]).read_bytes()[:700])
     with pytest.raises(CorruptImageError, match=rels[1].rsplit("/", 1)[1]):
-        load_images("ilsvrc2012-val", files=rels[:2])
+        load_images("ilsvrc2012-val", files=rels[:2]).images
 
 
 def test_ilsvrc2012_val_downloads_from_its_flat_public_home(real_assets: Path, tmp_path: Path, serve,
@@ -196,8 +206,50 @@ def test_ilsvrc2012_val_downloads_from_its_flat_public_home(real_assets: Path, t
     monkeypatch.setenv("DSM_LITE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(_assets.SOURCES, "ilsvrc2012-val", serve(flat).rstrip("/") + "/")
     s = load_images("ilsvrc2012-val", files=rels)
-    assert s.paths == rels
+    assert s.paths == rels and s.images.shape[0] == len(rels)
     for r in rels:
         got = tmp_path / "cache" / r
         assert hashlib.sha256(got.read_bytes()).hexdigest() == manifest("ilsvrc2012-val")[r]
     assert _assets._source_url(rels[0], None).endswith("/" + rels[0].rsplit("/", 1)[1])
+
+
+# --------------------------------------------------------------------------- lazy decoding
+def test_photos_are_decoded_only_when_drawn(with_assets: Path) -> None:
+    lazy = load_images("imagenette-val", n=30, seed=2)
+    assert lazy.decoded == 0 and lazy.shape == (30, 3, 224, 224) and lazy.dtype == torch.float32
+    eager, labels = load_photos(lazy.paths)  # the same photos, decoded at once
+    idx = torch.tensor([7, 3, 7])
+    assert torch.equal(lazy.take(idx), eager[idx]) and lazy.decoded == 2  # a repeat decodes once
+    assert torch.equal(lazy.take(slice(2, 5)), eager[2:5]) and lazy.decoded == 4  # 3 was decoded
+    mask = torch.zeros(30, dtype=torch.bool)
+    mask[[0, 29]] = True
+    assert torch.equal(lazy.take(mask), eager[mask]) and lazy.take([]).shape == (0, 3, 224, 224)
+    assert torch.equal(lazy.take(4), eager[4])  # one index: one photo, no batch dimension
+    assert torch.equal(lazy.images, eager) and lazy.decoded == 30  # the rest joins what is decoded
+    assert torch.equal(lazy.labels, labels)
+    assert torch.equal(lazy.take(idx), eager[idx])  # served from the whole tensor now
+
+
+def test_lazy_photos_keep_the_dtype_they_were_loaded_under(with_assets: Path) -> None:
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        lazy = load_images("imagenet-sample", n=3, seed=1)
+        eager = load_photos(lazy.paths)[0]
+    finally:
+        torch.set_default_dtype(before)
+    assert lazy.dtype == torch.float64 and lazy.decoded == 0
+    assert torch.equal(lazy.images, eager) and eager.dtype == torch.float64  # decoded later, in float32 default
+
+
+def test_an_image_set_needs_pixels_or_a_way_to_decode_them() -> None:
+    from dsm_lite.data import ImageSet
+    x = torch.zeros(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="either its images or a decode function"):
+        ImageSet("imagenet-sample", x, torch.zeros(2), ["a", "b"], [], decode=lambda paths: x)
+    with pytest.raises(ValueError, match="needs shape"):
+        ImageSet("imagenet-sample", None, torch.zeros(2), ["a", "b"], [], decode=lambda paths: x)
+    wrong = ImageSet("imagenet-sample", None, torch.zeros(2), ["a", "b"], [], shape=(2, 3, 4, 4),
+                     decode=lambda paths: torch.zeros(len(paths), 3, 8, 8))
+    with pytest.raises(RuntimeError, match="expected"):
+        wrong.take([0])

@@ -240,6 +240,8 @@ def test_load_images_through_a_faulty_mirror(real_assets, cache, monkeypatch, ca
     with FaultyServer(real_assets, random_plan(seed=1, p_drop=0.3, p_truncate=0.1, delay_s=0.05)) as srv:
         monkeypatch.setenv("DSM_LITE_DATA_URL", srv.url)
         s = load_images("imagenette-val", n=20, seed=0)
+        assert not srv.requests  # nothing fetched until the pixels are needed
+        s.images
         assert srv.max_inflight > 1 and sum(srv.requests.values()) > 20  # some were retried
     files = manifest("imagenette-val")
     assert cached_files(cache) == {r: files[r] for r in s.paths}
@@ -247,7 +249,7 @@ def test_load_images_through_a_faulty_mirror(real_assets, cache, monkeypatch, ca
 
 
 def test_offline_assets_print_nothing(with_assets, capsys) -> None:
-    load_images("imagenet-sample", n=3)
+    load_images("imagenet-sample", n=3).images
     assert capsys.readouterr() == ("", "")
 
 

@@ -215,3 +215,27 @@ def test_plot_tradeoff_draws_the_sweep(model, data, tmp_path):
     np.testing.assert_allclose(sorted(fig.axes[2].get_lines()[0].get_ydata()),
                                sorted(df[df.method == df.method.iloc[0]].kl))  # KL drawn as is
     plt.close(fig)
+
+
+def test_predict_among_reads_the_top5_and_runs_the_model_on_the_rest(model, data):
+    x, _ = data
+    logits = dsm_lite.predict(model, x)
+    top5 = logits.topk(5, dim=1).indices.numpy()
+    asked = []
+    for classes in ([2, 7, 9], [9, 3], list(range(10)), *([c] for c in range(10))):
+        want = logits[:, classes].argmax(dim=1).numpy()  # independent: straight from the logits
+        ran = []
+
+        class Photos:  # an ImageSet's take(), counting what it is asked to decode
+            def take(self, idx):
+                ran.append([int(i) for i in idx])
+                return x[torch.as_tensor(idx)]
+
+        got = ev.predict_among(classes, top5, model, Photos())
+        np.testing.assert_array_equal(got, want)
+        outside = [i for i in range(N) if not set(top5[i].tolist()) & set(classes)]
+        assert ran == ([outside] if outside else [])  # the model ran on those photos only
+        asked += outside
+    assert asked  # the fallback was exercised
+    # a bare tensor works too
+    np.testing.assert_array_equal(ev.predict_among([0], top5, model, x), logits[:, [0]].argmax(1).numpy())

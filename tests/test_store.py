@@ -370,3 +370,21 @@ assert not df.cached.any()
     with pytest.raises(Exception, match="boom"):
         st.rebuild([path], out=out)
     assert out.read_bytes() == before and not list(tmp_path.glob(".rebuild-*"))
+
+
+def test_a_sweep_the_store_serves_decodes_no_photo(vit, photos, tmp_path):
+    path = tmp_path / "store.npz"
+    computed = _sweep(vit, photos, st.ResultStore(path, mode="record"))
+    decoded = []
+
+    def decode(paths):
+        decoded.extend(paths)
+        return photos.images[[photos.paths.index(p) for p in paths]]
+
+    lazy = ImageSet(photos.name, None, photos.labels, photos.paths, [], decode=decode, shape=photos.shape)
+    served = _sweep(vit, lazy, st.ResultStore(path))
+    assert served.cached.all() and decoded == [] and lazy.decoded == 0
+    _same_rows(served, computed)
+    # an entry the store lacks decodes the photos, once
+    more = _sweep(vit, lazy, st.ResultStore(path), configs=[dict(method="tome", r=2)])
+    assert not more.cached.any() and sorted(decoded) == sorted(photos.paths)
