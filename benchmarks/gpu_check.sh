@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The book and the benchmark on an accelerator, in one go:
 #   1. every chapter under `pytest --nbval` (the stored outputs must hold on this device too);
-#   2. the sweeps of chapters 3-5 recomputed on every photo (`python -m dsm_lite.store rebuild`
+#   2. the sweeps of chapters 0 and 2-5 recomputed on every photo (`python -m dsm_lite.store rebuild`
 #      into OUT/book.npz) and compared, photo by photo, with the shipped dsm_lite/results/book.npz;
 #   3. benchmarks/throughput.py for ViT-Ti, DeiT-S and ViT-B (random weights: timing does not
 #      depend on them), eager, at batch 1, 32 and 256, under fp16 autocast on a GPU, then the
@@ -50,7 +50,7 @@ else
 fi
 NOTEBOOKS=($SELECT)
 if [ "$QUICK" = 1 ]; then
-  STORE=0  # the store's rebuild runs chapters 3-5 on every photo: minutes on a GPU
+  STORE=0  # the store's rebuild runs chapters 0 and 2-5 on every photo: minutes on a GPU
   NOTEBOOKS=(book/00_model_and_photos.ipynb); BATCHES=(1); MODELS=(vit_tiny_patch16_224); RUNS=(--runs 2 --warmup 1 --r 8)
 fi
 
