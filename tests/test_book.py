@@ -176,3 +176,17 @@ def test_notebook_tensors_name_their_device(path):
                 assert "CPU" in line.partition("#")[2], (
                     f"{path.name} code cell {k}: `{line.strip()}` makes a tensor without device=; "
                     "pass device=DEVICE, or say in a comment on that line why the CPU is right")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_glued_values_are_plain_numbers_and_text(path):
+    """A glued numpy scalar is stored as ``np.float64(0.8)``, which myst-nb cannot format
+    (``{glue:text}`x:.1%``` then fails the -W build): glue Python floats and ints."""
+    bad = []
+    for cell in json.loads(path.read_text())["cells"]:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "display_data" and "scrapbook" in out.get("metadata", {}):
+                text = "".join(out["data"].get("application/papermill.record/text/plain", ""))
+                if re.match(r"np\.\w+\(", text):
+                    bad.append(f"{out['metadata']['scrapbook']['name']} = {text}")
+    assert not bad, f"{path.name} glues numpy scalars: {bad}"
