@@ -288,7 +288,7 @@ def plan(
         r: tokens removed per merging block (int, per-block list, or ``(r, inflection)``);
             blocks before the delay remove none. Each global block's r is clamped to what is
             possible; local blocks remove what their windows give (see ``windows``).
-        delay: D, blocks without merging. DSM's default is :func:`default_delay`; ToMe's and
+        delay: D, blocks without merging. DSM's default is :func:`dsm_lite.default_delay`; ToMe's and
             spatial's is 0.
         window: initial window side w (block 0's), see ``windows``.
         window_growth: how much the window grows per block, see ``windows``.

@@ -2,6 +2,7 @@
 
 - :func:`sweep`: one row per config (method, r, options) with GMACs, accuracy, agreement and
   KL, each with a bootstrap interval over photos, and the per-photo :class:`EvalResult`.
+- :func:`summary_table`: those rows for reading, one unit per column.
 - The disk cache (:func:`sweep_cache_dir`): per-config, per-photo results keyed by
   everything that could change them (:func:`config_key`).
 - The results store (:mod:`dsm_lite.store`): the book's per-photo results, read instead of
@@ -38,7 +39,8 @@ from .patching import patch, patch_settings, unpatch
 from .patching import schedule as make_schedule
 from .store import store_key
 
-__all__ = ["sweep", "sweep_cache_dir", "code_hash", "images_hash", "config_key", "METRIC_COLUMNS"]
+__all__ = ["sweep", "summary_table", "sweep_cache_dir", "code_hash", "images_hash", "config_key",
+           "METRIC_COLUMNS"]
 
 CACHE_FORMAT = 1
 #: patch() options that do not change a forward pass's outputs, left out of cache keys.
@@ -288,6 +290,26 @@ def sweep(
     finally:
         repatch(model, saved)
     return pd.DataFrame(rows)
+
+
+def summary_table(df: pd.DataFrame, first: Sequence[str] = ()) -> pd.DataFrame:
+    """A sweep's rows (:func:`sweep`) for reading on a page: strings, one unit per column.
+
+    Columns: ``first`` (e.g. ``"set"``), then ``label``, ``r``, GMACs, tokens leaving the last
+    block, top-1 and agreement in percent with their 95% bootstrap intervals, and KL in nats.
+    Shows well as ``display(HTML(summary_table(df).to_html(index=False)))``.
+    """
+    def pct(name):
+        return [f"{100 * v:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+                for v, lo, hi in zip(df[name], df[f"{name}_lo"], df[f"{name}_hi"])]
+
+    out = pd.DataFrame({c: df[c] for c in (*first, "label", "r")})
+    out["GMACs"] = [f"{v:.3f}" for v in df["gmacs"]]
+    out["tokens out"] = df["tokens_out"].astype(int)
+    out["top-1 (%) [95% CI]"] = pct("top1")
+    out["agreement (%) [95% CI]"] = pct("agreement")
+    out["KL (nats)"] = [f"{v:.3f}" for v in df["kl"]]
+    return out
 
 
 class _StoreKeys:

@@ -190,3 +190,11 @@ def test_glued_values_are_plain_numbers_and_text(path):
                 if re.match(r"np\.\w+\(", text):
                     bad.append(f"{out['metadata']['scrapbook']['name']} = {text}")
     assert not bad, f"{path.name} glues numpy scalars: {bad}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_stderr_on_the_page(path):
+    """Warnings, progress bars and profiler lines go to stderr: none may reach a stored page."""
+    noise = ["".join(out.get("text", ""))[:80] for cell in json.loads(path.read_text())["cells"]
+             for out in cell.get("outputs", []) if out.get("name") == "stderr"]
+    assert not noise, f"{path.name} stores stderr output: {noise}"

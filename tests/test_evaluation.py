@@ -239,3 +239,16 @@ def test_predict_among_reads_the_top5_and_runs_the_model_on_the_rest(model, data
     assert asked  # the fallback was exercised
     # a bare tensor works too
     np.testing.assert_array_equal(ev.predict_among([0], top5, model, x), logits[:, [0]].argmax(1).numpy())
+
+
+def test_summary_table_reads_one_unit_per_column(model, data, tmp_path):
+    x, y = data
+    df = sweeps.sweep(model, x, [dict(method="tome", r=0), dict(method="tome", r=2)], labels=y,
+                      cache_dir=False, progress=False, n_boot=50)
+    t = sweeps.summary_table(df.assign(set="fake"), first=["set"])
+    assert list(t.columns) == ["set", "label", "r", "GMACs", "tokens out", "top-1 (%) [95% CI]",
+                               "agreement (%) [95% CI]", "KL (nats)"]
+    row = df.iloc[1]
+    assert t["top-1 (%) [95% CI]"][1] == f"{100 * row.top1:.1f} [{100 * row.top1_lo:.1f}, {100 * row.top1_hi:.1f}]"
+    assert t["agreement (%) [95% CI]"][0] == "100.0 [100.0, 100.0]"  # r = 0 is the dense model
+    assert t["KL (nats)"][0] == "0.000" and t["tokens out"].tolist() == df.tokens_out.tolist()
