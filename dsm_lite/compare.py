@@ -24,7 +24,7 @@ Metrics are sweep columns with per-photo values: ``top1``, ``top5``, ``agreement
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -32,7 +32,7 @@ import pandas as pd
 from .evaluation import PER_PHOTO, EvalResult
 from .stats import bootstrap_indices, holm, paired_bootstrap, paired_pvalue
 
-__all__ = ["ci_text", "percent", "per_photo", "curve", "at_gmacs", "pooled", "equal_gmacs", "matched_differences",
+__all__ = ["per_photo", "curve", "at_gmacs", "pooled", "equal_gmacs", "matched_differences",
            "paired_columns", "vs", "saved_within", "saved_within_ci", "saved_difference_ci",
            "merge_vs_prune", "by_delay", "read_throughput_table"]
 
@@ -181,17 +181,6 @@ def paired_columns(a: EvalResult, b: EvalResult, metrics: Sequence[str] = ("top1
         d = paired_bootstrap(per_photo(a, m), per_photo(b, m), n_boot, seed)
         out.update({f"d_{m}": d.estimate * scale, f"d_{m}_lo": d.lo * scale, f"d_{m}_hi": d.hi * scale})
     return out
-
-
-def ci_text(estimate, lo, hi, digits: int = 1) -> List[str]:
-    """Signed estimates with their intervals as text, ``"+0.8 [-0.4, +2.0]"``, for tables that
-    put a difference and its interval in one column (equal-length sequences)."""
-    return [f"{e:+.{digits}f} [{a:+.{digits}f}, {b:+.{digits}f}]" for e, a, b in zip(estimate, lo, hi)]
-
-
-def percent(shares, digits: int = 1) -> List[str]:
-    """Shares in [0, 1] as percent text, ``0.8275 -> "82.8"``."""
-    return [f"{100 * v:.{digits}f}" for v in shares]
 
 
 def vs(df: pd.DataFrame, ref_mask, metric: str = "agreement", n_boot: int = 2000,

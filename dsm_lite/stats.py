@@ -10,6 +10,7 @@ Shapes: ``N`` photos (the resampled axis), ``k`` comparisons, ``B`` bootstrap re
 - :func:`paired_pvalue`, :func:`holm`, :func:`simultaneous_band`: a family of comparisons,
   corrected for multiplicity (Holm's step-down, or a max-``|t|`` band over all of them at once).
 - :func:`verdict`: what an interval says about a claim.
+- :func:`ci_text`, :func:`percent`: intervals and shares as table text.
 
 Every function computes in float64 with the library of its input: NumPy arrays (and lists)
 with NumPy, tensors with torch on their own device. Resampling follows the same rule: NumPy's
@@ -22,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from torch import Tensor
 __all__ = [
     "BootstrapCI", "bootstrap_indices", "bootstrap_ci", "paired_bootstrap", "paired_pvalue",
     "wilson_ci", "normal_quantile", "percentile_band", "holm", "simultaneous_band",
-    "VERDICTS", "verdict",
+    "VERDICTS", "verdict", "ci_text", "percent",
 ]
 
 Values = Union[np.ndarray, Tensor, Sequence[float]]
@@ -393,3 +394,16 @@ def verdict(lo: float, hi: float, *, direction: int = 1, threshold: float = 0.0,
     if margin is not None and -margin < lo and hi < margin:
         return "equivalent"
     return "not detectable"
+
+
+def ci_text(estimate, lo, hi, digits: int = 1, scale: float = 1.0, signed: bool = True) -> List[str]:
+    """Estimates with their intervals as table text, ``"+0.8 [-0.4, +2.0]"`` (``signed``: a
+    difference) or ``"82.8 [80.5, 85.1]"``; every value is multiplied by ``scale`` first (100
+    for shares in percent). ``estimate``, ``lo`` and ``hi`` are equal-length sequences."""
+    f = f"{{:{'+' if signed else ''}.{digits}f}}".format
+    return [f"{f(scale * e)} [{f(scale * a)}, {f(scale * b)}]" for e, a, b in zip(estimate, lo, hi)]
+
+
+def percent(shares, digits: int = 1) -> List[str]:
+    """Shares in [0, 1] as percent text, ``0.8275 -> "82.8"``."""
+    return [f"{100 * v:.{digits}f}" for v in shares]

@@ -300,8 +300,7 @@ def summary_table(df: pd.DataFrame, first: Sequence[str] = ()) -> pd.DataFrame:
     Shows well as ``display(HTML(summary_table(df).to_html(index=False)))``.
     """
     def pct(name):
-        return [f"{100 * v:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
-                for v, lo, hi in zip(df[name], df[f"{name}_lo"], df[f"{name}_hi"])]
+        return stats.ci_text(df[name], df[f"{name}_lo"], df[f"{name}_hi"], scale=100, signed=False)
 
     out = pd.DataFrame({c: df[c] for c in (*first, "label", "r")})
     out["GMACs"] = [f"{v:.3f}" for v in df["gmacs"]]

@@ -425,3 +425,11 @@ def test_ci_coverage_on_synthetic_rates():
         wil += w.lo <= p <= w.hi
     assert 0.90 <= boot / reps <= 0.99
     assert 0.92 <= wil / reps <= 0.99
+
+
+def test_ci_text_and_percent_format_tables():
+    from dsm_lite.stats import ci_text, percent
+    assert ci_text([0.8, -1.25], [-0.4, -2.0], [2.0, 0.04]) == ["+0.8 [-0.4, +2.0]", "-1.2 [-2.0, +0.0]"]
+    assert ci_text([0.8275], [0.805], [0.851], scale=100, signed=False) == ["82.8 [80.5, 85.1]"]
+    assert ci_text([1.0], [0.5], [1.5], digits=2) == ["+1.00 [+0.50, +1.50]"]
+    assert percent([0.8275, 1.0, 0.0]) == ["82.8", "100.0", "0.0"] and percent([]) == []
