@@ -16,11 +16,11 @@ from typing import Any
 from .devices import DeviceMismatchError, DeviceUnavailableError
 from .merging import (Merge, bipartite_soft_matching, merge_source, merge_wavg, window_quota_matching,
                       window_soft_matching)
-from .schedules import BlockPlan, Schedule, default_delay, parse_r
-from .patching import attention_bias, is_patched, patch, schedule, trace_sources, unpatch
+from .schedules import BlockPlan, ModelShape, Schedule, closest_macs, default_delay, delayed_tome_r, parse_r
+from .patching import attention_bias, is_patched, patch, schedule, trace_sources, trace_sources_per_block, unpatch
 from .measure import Throughput, count_macs, interleaved_throughput, measure_throughput, time_breakdown
-from .models import DEFAULT_MODEL, load_model, pick_device, predict, topk_accuracy, weights_fingerprint
-from .data import ImageSet, load_images, load_photo
+from .models import DEFAULT_MODEL, book_dtype, load_model, pick_device, predict, topk_accuracy, weights_fingerprint
+from .data import ImageSet, data_config, load_images, load_photo
 from .numerics import book_numerics
 
 __version__ = "0.1.0"
@@ -28,15 +28,15 @@ __version__ = "0.1.0"
 __all__ = [
     # patching a model
     "patch", "unpatch", "is_patched", "schedule", "Schedule", "BlockPlan", "default_delay", "parse_r",
-    "trace_sources", "attention_bias",
+    "ModelShape", "closest_macs", "delayed_tome_r", "trace_sources", "trace_sources_per_block", "attention_bias",
     # the merging primitives (pure functions on tensors)
     "Merge", "bipartite_soft_matching", "window_soft_matching", "window_quota_matching",
     "merge_wavg", "merge_source",
     # cost and speed
     "count_macs", "measure_throughput", "interleaved_throughput", "time_breakdown", "Throughput",
     # models and photos
-    "DEFAULT_MODEL", "load_model", "pick_device", "predict", "topk_accuracy", "weights_fingerprint",
-    "ImageSet", "load_images", "load_photo", "book_numerics",
+    "DEFAULT_MODEL", "book_dtype", "load_model", "pick_device", "predict", "topk_accuracy", "weights_fingerprint",
+    "ImageSet", "load_images", "load_photo", "data_config", "book_numerics",
     # errors
     "DeviceMismatchError", "DeviceUnavailableError",
 ]

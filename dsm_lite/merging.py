@@ -144,7 +144,8 @@ def _normalize(metric: Tensor) -> Tensor:
 
 #: activation dtypes the engine supports
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_HALF = (torch.float16, torch.bfloat16)
+#: the half-precision dtypes, whose matching scores are computed in float32
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _scoring_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -171,7 +172,7 @@ def _full_precision(metric: Tensor):
 
 def _upcast(metric: Tensor) -> Tensor:
     """float16/bfloat16 -> float32; other dtypes unchanged (no copy)."""
-    return metric.float() if metric.dtype in _HALF else metric
+    return metric.float() if metric.dtype in HALF_DTYPES else metric
 
 
 def _tome_order(num_tokens: int, num_protected: int, unm: Tensor, dst_all: Tensor) -> Tensor:

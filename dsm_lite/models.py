@@ -17,7 +17,7 @@ from .numerics import widen
 
 __all__ = [
     "DEFAULT_MODEL", "UnknownModelError", "NotAViTError", "DeviceUnavailableError",
-    "pick_device", "load_model", "weights_fingerprint", "predict", "topk_accuracy", "image_tensor",
+    "pick_device", "load_model", "book_dtype", "weights_fingerprint", "predict", "topk_accuracy", "image_tensor",
     "progress_bar",
 ]
 
@@ -72,7 +72,8 @@ def _check_name(name: str) -> None:
 def _verified_weights_file(name: str) -> Optional[str]:
     """Path of ``$DSM_LITE_ASSETS/weights/<name>.safetensors`` after checking its sha256.
 
-    Returns None when ``DSM_LITE_ASSETS`` is unset (weights then come from the hub).
+    Returns None when ``DSM_LITE_ASSETS`` is unset, or lists no such file (weights then come
+    from the hub).
     The file must match ``SHA256SUMS`` in the assets folder and, for models whose checksum
     ships with dsm_lite, that checksum too, so a swapped ``SHA256SUMS`` does not pass.
     """
@@ -81,6 +82,8 @@ def _verified_weights_file(name: str) -> Optional[str]:
         return None
     rel = f"weights/{name}.safetensors"
     path = root / rel
+    if not path.is_file() and rel not in assets_sums(root) and rel not in manifest("weights"):
+        return None  # a model the assets folder does not ship: from the hub
     if not path.is_file():
         raise AssetNotFoundError(
             f"{path} not found. Put the weights there (listed in SHA256SUMS), or unset "
@@ -100,12 +103,17 @@ def _verified_weights_file(name: str) -> Optional[str]:
     return str(path)
 
 
-def load_model(name: str = DEFAULT_MODEL, device: Union[str, torch.device, None] = None) -> nn.Module:
+def load_model(name: str = DEFAULT_MODEL, device: Union[str, torch.device, None] = None,
+               pretrained: bool = True) -> nn.Module:
     """A pretrained timm ViT in eval mode on ``device`` (None: :func:`pick_device`).
 
-    With ``$DSM_LITE_ASSETS`` set, the weights are ``$DSM_LITE_ASSETS/weights/<name>.safetensors``
-    (sha256-checked), loaded into timm's model with ``load_state_dict`` (strict); otherwise timm
-    downloads them from the hub.
+    With ``$DSM_LITE_ASSETS`` set, the weights of a model the assets folder ships (its
+    ``SHA256SUMS`` or dsm_lite's manifest lists ``weights/<name>.safetensors``) are read from
+    there (sha256-checked) into timm's model with ``load_state_dict`` (strict); any other model,
+    and every model without ``$DSM_LITE_ASSETS``, is downloaded by timm from the hub.
+    ``pretrained=False`` gives timm's random initialisation under the current torch seed,
+    downloading nothing: for what depends only on the architecture (schedules, MACs, timings)
+    and for smoke tests, never for an accuracy.
     Raises :class:`UnknownModelError`, :class:`NotAViTError`, ``AssetNotFoundError``,
     ``ChecksumError`` or ``OfflineError``, each saying what to set or download, and
     :class:`~dsm_lite.devices.DeviceUnavailableError` (before loading anything) when ``device``
@@ -113,6 +121,8 @@ def load_model(name: str = DEFAULT_MODEL, device: Union[str, torch.device, None]
     """
     device = pick_device(device)
     _check_name(name)
+    if not pretrained:
+        return timm.create_model(name, pretrained=False).eval().to(device)
     file = _verified_weights_file(name)
     if file is not None:
         # the state dict ourselves, not timm's file loader: some timm 1.0.x releases route a
@@ -127,9 +137,21 @@ def load_model(name: str = DEFAULT_MODEL, device: Union[str, torch.device, None]
             raise
         raise OfflineError(
             f"Could not download {name!r} from the Hugging Face hub ({type(e).__name__}). "
-            "Without internet, set DSM_LITE_ASSETS to a folder holding weights/<name>.safetensors."
+            "Without internet, put weights/<name>.safetensors (and its line in SHA256SUMS) in "
+            "the DSM_LITE_ASSETS folder."
         ) from e
     return model.eval().to(device)
+
+
+def book_dtype(name: str = DEFAULT_MODEL, device: Union[str, torch.device, None] = None) -> torch.dtype:
+    """The dtype a chapter computes in (:func:`~dsm_lite.numerics.book_numerics`): float64
+    wherever the stored outputs must reproduce, that is for the book's model on any device and
+    for every model on a CPU (see :mod:`dsm_lite.numerics`). Another model on a GPU runs in its
+    own float32: nothing stored is there to match, and float64 runs at a small fraction of
+    float32's speed on most GPUs (1/32 on a T4)."""
+    if name == DEFAULT_MODEL or torch.device(device or "cpu").type == "cpu":
+        return torch.float64
+    return torch.float32
 
 
 def _is_network_error(e: BaseException) -> bool:

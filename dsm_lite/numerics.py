@@ -24,8 +24,9 @@ __all__ = ["book_numerics", "numerics_report", "widen"]
 
 
 def book_numerics(seed: int = 0, dtype: torch.dtype = torch.float64) -> None:
-    """Set the book's numerics: default ``dtype`` (float64), no TF32, deterministic kernel
-    choice, and ``torch.manual_seed(seed)``. Call it before creating models or tensors."""
+    """Set the book's numerics: default ``dtype`` (float64; a chapter passes
+    :func:`dsm_lite.models.book_dtype`), no TF32, deterministic kernel choice, and
+    ``torch.manual_seed(seed)``. Call it before creating models or tensors."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = False

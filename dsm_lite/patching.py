@@ -25,9 +25,9 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from .devices import to_model
-from .merging import (FLOAT_DTYPES, Merge, WindowLayout, bipartite_soft_matching, merge_source,
-                      merge_wavg, prune_lowest_norm, window_layout, window_quota_matching,
-                      window_soft_matching)
+from .merging import (FLOAT_DTYPES, HALF_DTYPES, Merge, WindowLayout, bipartite_soft_matching,
+                      merge_source, merge_wavg, prune_lowest_norm, window_layout,
+                      window_quota_matching, window_soft_matching)
 from .schedules import RANDOM_FEATURE_DIM, ModelShape, RSpec, Schedule, plan
 from .windows import square_window_ids, window_ids
 
@@ -75,7 +75,6 @@ __all__ = ["MergeState", "patch", "unpatch", "is_patched", "patch_settings", "sc
            "trace_sources", "trace_sources_per_block", "trace_windows", "SUPPORTED_POOLS"]
 
 SUPPORTED_POOLS = ("token", "avg", "")
-_HALF = (torch.float16, torch.bfloat16)
 
 
 class MergeState:
@@ -298,7 +297,7 @@ def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
     if feature in ("k", "q", "v"):
         metric = {"k": k, "q": q, "v": v}[feature]
         # half precision: average the heads straight into float32 (matching scores there)
-        metric = metric.mean(dim=1, dtype=torch.float32) if metric.dtype in _HALF else metric.mean(dim=1)
+        metric = metric.mean(dim=1, dtype=torch.float32) if metric.dtype in HALF_DTYPES else metric.mean(dim=1)
     return out, metric
 
 

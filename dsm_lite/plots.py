@@ -50,6 +50,7 @@ __all__ = [
     "curve_colors",
     "draw_merging_block",
     "draw_phases",
+    "draw_schedules",
     "PHASE_COLORS",
     "plot_tokens_per_block",
     "draw_import_graph",
@@ -214,7 +215,8 @@ def plot_attention_shares(ax, shares: dict, uniform: Optional[float] = None, low
     ax.set_ylabel("share of all attention (mean over heads, queries)")
     if log:
         ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    # beside the axes: inside, it covers the curves wherever it goes (they span the whole height)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return ax
 
 
@@ -495,11 +497,11 @@ def plot_tradeoff(ax, df, x: str = "gmacs", y: str = "agreement", by: Union[str,
         line, = ax.plot(g[x], g[y] * scale, **style)
         if band and f"{y}_lo" in g and f"{y}_hi" in g:
             ax.fill_between(g[x], g[f"{y}_lo"] * scale, g[f"{y}_hi"] * scale,
-                            color=line.get_color(), alpha=0.2, linewidth=0)
-        if annotate_r:
+                            color=line.get_color(), alpha=0.12, linewidth=0)  # light: bands overlap
+        if annotate_r:  # below right: the curve rises to the right, so the label stays off it
             for xv, yv, r in zip(g[x], g[y] * scale, g["r"]):
-                ax.annotate(f"r={r}", (xv, yv), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7, color=line.get_color())
+                ax.annotate(f"r={r}", (xv, yv), textcoords="offset points", xytext=(6, -11),
+                            fontsize=8, color=line.get_color())
     ax.set_xlabel(METRIC_LABELS.get(x, x))
     ax.set_ylabel(METRIC_LABELS.get(y, y))
     ax.grid(alpha=0.3)
@@ -650,3 +652,29 @@ def draw_phases(ax, schedule, label: str = "DSM"):
     ax.set_title(f"{label}, r = {schedule.options.get('r')}: the three phases over the "
                  f"{depth} blocks ({schedule.macs / 1e9:.3f} GMACs)", fontsize=10)
     return ax
+
+
+def draw_schedules(schedules: Dict[str, Any], width: float = 7.6, row_height: float = 1.25):
+    """Several schedules one above the other, block by block (:func:`draw_phases` without its
+    own legend and title): the book's picture of where each method merges.
+
+    Args:
+        schedules: label -> :class:`dsm_lite.Schedule`, all of one model.
+        width: figure width in inches; the book's content column shows about 7.8 in at 100 dpi.
+    Returns the figure.
+    """
+    fig, axes = plt.subplots(len(schedules), 1, figsize=(width, row_height * len(schedules) + 0.9),
+                             sharex=True, squeeze=False)
+    for ax, (label, s) in zip(axes[:, 0], schedules.items()):
+        draw_phases(ax, s, label)
+        ax.get_legend().remove()
+        ax.set_xlabel("")
+        ax.set_title("")  # draw_phases's centred title: replaced by a shorter one on the left
+        ax.set_title(f"{label}, r = {s.options.get('r')}: {s.tokens[-1]} tokens at the end, "
+                     f"{s.macs / 1e9:.2f} GMACs", fontsize=10, loc="left")
+    axes[-1, 0].set_xlabel("block l (upper number: tokens entering it; lower: tokens it removes)")
+    modes = list(dict.fromkeys(b.mode for s in schedules.values() for b in s.blocks))
+    fig.legend(handles=[Patch(color=PHASE_COLORS[m], alpha=0.45, label=PHASE_NAMES[m]) for m in modes],
+               fontsize=9, loc="lower center", ncol=len(modes), frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig

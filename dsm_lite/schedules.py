@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
-import pandas as pd
 from torch import nn
 
 from .merging import max_reduction
@@ -187,6 +186,8 @@ class Schedule:
 
     def to_frame(self):
         """The schedule as a pandas DataFrame, one row per block."""
+        import pandas as pd  # here, not at the top: `import dsm_lite` stays free of pandas
+
         rows = [
             dict(block=b.index, mode=b.mode, side=b.side, window=b.window, windows=b.num_windows,
                  quota=b.quota, window_quotas=b.window_quotas, tokens_in=b.tokens_in, r=b.r,
@@ -202,15 +203,15 @@ class Schedule:
         lines = [f"{name}: {self.macs / 1e9:.3f} GMACs per image, "
                  f"{self.tokens[0]} -> {self.tokens[-1]} tokens, "
                  f"{self.local_blocks} local block(s)",
-                 "block  mode    side  window  windows  per-window merges  tokens_in    r  "
-                 "tokens_out  MMACs"]
+                 # at most 80 characters a line: the book's text outputs show about 86
+                 "block  mode    side  window  windows  per-window merges    in    r   out   MMACs"]
         for b in self.blocks:
             win = f"{b.window}x{b.window}" if b.window else "-"
             nw = str(b.num_windows) if b.num_windows else "-"
             side = str(b.side) if b.side else "-"
             lines.append(f"{b.index:5d}  {b.mode:<6}  {side:>4}  {win:>6}  {nw:>7}  "
-                         f"{_quota_text(b):<17}  {b.tokens_in:9d}  {b.r:3d}  "
-                         f"{b.tokens_out:10d}  {b.macs / 1e6:5.1f}")
+                         f"{_quota_text(b):<17}  {b.tokens_in:4d}  {b.r:3d}  "
+                         f"{b.tokens_out:4d}  {b.macs / 1e6:6.1f}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from torch import Tensor
 __all__ = [
     "BootstrapCI", "bootstrap_indices", "bootstrap_ci", "paired_bootstrap", "paired_pvalue",
     "wilson_ci", "normal_quantile", "percentile_band", "holm", "simultaneous_band",
-    "VERDICTS", "verdict", "ci_text", "percent",
+    "VERDICTS", "verdict", "ci_text", "percent", "block_table",
 ]
 
 Values = Union[np.ndarray, Tensor, Sequence[float]]
@@ -407,3 +407,29 @@ def ci_text(estimate, lo, hi, digits: int = 1, scale: float = 1.0, signed: bool 
 def percent(shares, digits: int = 1) -> List[str]:
     """Shares in [0, 1] as percent text, ``0.8275 -> "82.8"``."""
     return [f"{100 * v:.{digits}f}" for v in shares]
+
+
+def block_table(columns: Dict[str, Values], fmt: Union[str, Dict[str, str]] = "{:.3f}",
+                first: str = "block") -> str:
+    """Per-block values as plain text, one line per block: narrow enough for a book page at any
+    depth, where one line of all blocks is not (24 blocks of 6 characters overflow it).
+
+    Args:
+        columns: header -> (L,) values, one per block (tensors, arrays or lists).
+        fmt: the format of every value, e.g. ``"{:+.3f}"``, or one per header.
+        first: the header of the block-index column.
+    """
+    fmts = fmt if isinstance(fmt, dict) else dict.fromkeys(columns, fmt)
+    cells = {name: [fmts[name].format(float(v)) for v in _as_list(values)] for name, values in columns.items()}
+    depth = {len(c) for c in cells.values()}
+    if len(depth) != 1:
+        raise ValueError(f"every column needs one value per block; got lengths {sorted(depth)}")
+    widths = {name: max(len(name), *(len(v) for v in c)) for name, c in cells.items()}
+    lines = [f"{first}  " + "  ".join(name.rjust(widths[name]) for name in cells)]
+    for i in range(depth.pop()):
+        lines.append(f"{i:>{len(first)}d}  " + "  ".join(c[i].rjust(widths[name]) for name, c in cells.items()))
+    return "\n".join(lines)
+
+
+def _as_list(values) -> list:
+    return values.tolist() if hasattr(values, "tolist") else list(values)

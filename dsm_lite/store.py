@@ -73,7 +73,8 @@ BOOK_STORE = Path(__file__).resolve().parent / "results" / "book.npz"
 #: per-photo arrays kept for each entry (the fields of ``EvalResult`` less the logits)
 FIELDS = ("pred", "top5", "correct1", "correct5", "agree", "kl", "confidence")
 REBUILD_COMMAND = "python -m dsm_lite.store rebuild"
-_MODES = ("read", "off", "record")
+#: how a ResultStore opens its file: serve entries, write a new file, or add to an existing one
+MODES = ("read", "record", "extend")
 
 
 def store_key(config: Dict[str, Any], context: Dict[str, Any]) -> str:
@@ -93,8 +94,8 @@ class ResultStore:
     """
 
     def __init__(self, path: os.PathLike | str = BOOK_STORE, mode: str = "read"):
-        if mode not in ("read", "record", "extend"):
-            raise ValueError(f"mode must be 'read', 'record' or 'extend', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.path, self.mode = Path(path), mode
         self._entries: Optional[Dict[str, Dict[str, np.ndarray]]] = None
 

@@ -9,7 +9,7 @@ import timm
 import torch
 
 from dsm_lite._assets import AssetNotFoundError, ChecksumError, OfflineError
-from dsm_lite.models import (DEFAULT_MODEL, NotAViTError, UnknownModelError, load_model,
+from dsm_lite.models import (DEFAULT_MODEL, book_dtype, NotAViTError, UnknownModelError, load_model,
                              pick_device, predict, topk_accuracy, weights_fingerprint)
 
 WEIGHTS = f"weights/{DEFAULT_MODEL}.safetensors"
@@ -121,3 +121,28 @@ def test_no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(OfflineError, match="DSM_LITE_ASSETS"):
         load_model()
+
+
+def test_random_weights_download_nothing_and_follow_the_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSM_LITE_ASSETS", "/nonexistent")  # would fail if any file were looked up
+    torch.manual_seed(0)
+    a = load_model("deit_small_patch16_224", "cpu", pretrained=False)
+    torch.manual_seed(0)
+    b = load_model("deit_small_patch16_224", "cpu", pretrained=False)
+    assert weights_fingerprint(a) == weights_fingerprint(b)
+    assert a.embed_dim == 384 and not a.training
+
+
+def test_a_model_the_assets_do_not_ship_comes_from_the_hub(with_assets: Path) -> None:
+    """With $DSM_LITE_ASSETS set, another model is not an asset error: it is downloaded, and
+    offline that fails with OfflineError saying where to put the file."""
+    from dsm_lite.models import _verified_weights_file
+
+    assert _verified_weights_file("deit_small_patch16_224.fb_in1k") is None
+    assert _verified_weights_file(DEFAULT_MODEL) is not None
+
+
+def test_book_dtype() -> None:
+    assert book_dtype(DEFAULT_MODEL, "cpu") == book_dtype(DEFAULT_MODEL, "cuda") == torch.float64
+    assert book_dtype("deit_small_patch16_224", "cpu") == torch.float64  # CPU: the book's float64
+    assert book_dtype("deit_small_patch16_224", "cuda") == torch.float32  # a GPU: the model's own

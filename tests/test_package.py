@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 ALLOWED_NESTED = {
     ("store", "rebuild", "import nbformat"),                    # the book's extra (myst-nb)
     ("store", "rebuild", "from nbclient import NotebookClient"),
+    ("schedules", "to_frame", "import pandas as pd"),           # `import dsm_lite` without pandas
     ("models", "_is_network_error",                             # older huggingface_hub lacks it
      "from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled"),
 }
@@ -77,3 +78,12 @@ def test_notebooks_define_no_long_functions(path):
     long = [(name, n) for c in cells if c["cell_type"] == "code"
             for name, n in _functions("".join(c["source"])) if n > 10]
     assert long == []
+
+
+def test_import_dsm_lite_loads_neither_pandas_nor_matplotlib():
+    """The engine alone: the analysis modules (pandas) and the figures (matplotlib) load on first
+    use, so `import dsm_lite` in a serving process pulls in neither."""
+    code = ("import sys, dsm_lite; heavy = [m for m in ('pandas', 'matplotlib', 'seaborn') if m in sys.modules]; "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -433,3 +433,17 @@ def test_ci_text_and_percent_format_tables():
     assert ci_text([0.8275], [0.805], [0.851], scale=100, signed=False) == ["82.8 [80.5, 85.1]"]
     assert ci_text([1.0], [0.5], [1.5], digits=2) == ["+1.00 [+0.50, +1.50]"]
     assert percent([0.8275, 1.0, 0.0]) == ["82.8", "100.0", "0.0"] and percent([]) == []
+
+
+def test_block_table_one_line_per_block():
+    text = stats.block_table({"a": [0.5, 0.25], "longer name": np.array([1.0, -2.0])}, fmt={"a": "{:.2f}",
+                             "longer name": "{:+.1f}"})
+    lines = text.split("\n")
+    assert lines[0].split() == ["block", "a", "longer", "name"]
+    assert lines[1].split() == ["0", "0.50", "+1.0"] and lines[2].split() == ["1", "0.25", "-2.0"]
+    assert len({len(l) for l in lines}) == 1  # aligned columns
+
+
+def test_block_table_refuses_ragged_columns():
+    with pytest.raises(ValueError, match="one value per block"):
+        stats.block_table({"a": [1, 2], "b": [1, 2, 3]})
