@@ -224,5 +224,5 @@ def plot_matching(ax, image, steps: MatchingSteps, grid: Tuple[int, int], patch_
     ax.set_xlim(-0.5, img.shape[1] - 0.5)
     ax.set_ylim(img.shape[0] - 0.5, -0.5)
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=10)
     return mappable

@@ -81,9 +81,14 @@ def band(values, low: float = 10, high: float = 90, axis: int = 0):
 def book_style() -> None:
     """The book's figure style, for every chapter: seaborn's ``ticks`` theme in the
     ``notebook`` context with the ``tab10`` palette (the colours of :data:`METHOD_COLORS`),
-    no top and right spines, light grids where a plot asks for them."""
-    sns.set_theme(context="notebook", style="ticks", palette="tab10", font_scale=0.9,
-                  rc={"axes.spines.top": False, "axes.spines.right": False, "grid.alpha": 0.3})
+    no top and right spines, light grids where a plot asks for them.
+
+    Sized for the page: the book's content column shows about 770 px, and a figure is at most
+    9 in (900 px at 100 dpi) wide, so it is shown at 86% or more; its text is 10 pt or more
+    (ticks 11, labels and titles 12), so it reads at about 9 pt or more on the page."""
+    sns.set_theme(context="notebook", style="ticks", palette="tab10", font_scale=1.0,
+                  rc={"axes.spines.top": False, "axes.spines.right": False, "grid.alpha": 0.3,
+                      "figure.titlesize": 12, "axes.titlesize": 12, "legend.fontsize": 10})
 
 
 def plot_percentile_band(ax, values, x=None, low: float = 10, high: float = 90, label=None,
@@ -138,7 +143,7 @@ def plot_sim_per_block(ax, sim_in_ci: Tuple, sim_mid_ci: Tuple, transition: Opti
     ax.set_ylabel("Sim (mean pairwise cosine similarity)")
     if transition is not None:
         ax.axvline(transition - 0.5, color="k", ls="--", lw=1, label=f"transition (D = {transition})")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=10)
     if title:
         ax.set_title(title)
     return ax
@@ -159,7 +164,7 @@ def plot_delta_sim(ax, delta_ci: Tuple, transition: Optional[int] = None, title:
     if transition is not None:
         ax.axvline(transition - 0.5, color="k", ls="--", lw=1)
     ax.legend(handles=[Patch(color="tab:red", label="divergent (< 0)"),
-                       Patch(color="tab:blue", label="convergent (> 0)")], fontsize=8)
+                       Patch(color="tab:blue", label="convergent (> 0)")], fontsize=10)
     if title:
         ax.set_title(title)
     return ax
@@ -195,7 +200,7 @@ def plot_intervals(ax, table, x: str, est: str, lo: str, hi: str, hue: Optional[
     ax.set_ylabel("")
     ax.grid(alpha=0.3)
     if hue is not None:
-        ax.legend(fontsize=8)  # the groups, without seaborn's title (the column name)
+        ax.legend(fontsize=10)  # the groups, without seaborn's title (the column name)
     return ax
 
 
@@ -215,8 +220,8 @@ def plot_attention_shares(ax, shares: dict, uniform: Optional[float] = None, low
     ax.set_ylabel("share of all attention (mean over heads, queries)")
     if log:
         ax.set_yscale("log")
-    # beside the axes: inside, it covers the curves wherever it goes (they span the whole height)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    # below the axes: inside, it covers the curves wherever it goes (they span the whole height)
+    ax.legend(fontsize=10, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     return ax
 
 
@@ -237,7 +242,7 @@ def plot_received_outliers_vs_rest(ax, per_token_outlier, per_token_rest, unifor
     ax.set_yscale("log")
     _block_axis(ax, len(x))
     ax.set_ylabel("attention received per token (log scale)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=10)
     return ax
 
 
@@ -253,7 +258,7 @@ def plot_norm_ratio(ax, max_ratio, threshold: Optional[float] = None, emergence:
     ax.set_yscale("log")
     _block_axis(ax, to_numpy(max_ratio).shape[1], xlabel="block l (norms of its output tokens)")
     ax.set_ylabel("norm ratio (log scale)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=10)
     return ax
 
 
@@ -278,7 +283,7 @@ def show_patch_marks(images, masks, grid_size: Tuple[int, int], titles: Optional
             ax.add_patch(Rectangle((c * patch - 0.5, r * patch - 0.5), patch, patch, fill=False,
                                    edgecolor=color, linewidth=2))
         if titles is not None:
-            ax.set_title(titles[i], fontsize=8)
+            ax.set_title(titles[i], fontsize=10)
     return fig
 
 
@@ -302,16 +307,16 @@ def show_grid_maps(maps, grid_size: Tuple[int, int], titles: Sequence[str], row_
             axes[r, 0].imshow(denormalize(images[r], mean, std))
             axes[r, 0].axis("off")
             if r == 0:
-                axes[r, 0].set_title("photo", fontsize=8)
+                axes[r, 0].set_title("photo", fontsize=10)
         for c in range(cols):
             ax = axes[r, c + extra]
             im = ax.imshow(m[r, c].reshape(grid_size), cmap=cmap, norm=norm)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(titles[c], fontsize=8)
+                ax.set_title(titles[c], fontsize=10)
         if row_labels is not None:
-            axes[r, extra].set_ylabel(row_labels[r], fontsize=8)
+            axes[r, extra].set_ylabel(row_labels[r], fontsize=10)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=cbar_label + (" (log scale)" if log else ""))
     return fig
 
@@ -384,14 +389,14 @@ def show_merges(images, groups, patch_size: int, titles: Sequence[str], row_labe
             photo_label, row_label = titles[j], None if row_labels is None else row_labels[i]
             if transpose:
                 if j == 0 and row_label is not None:
-                    ax.set_title(row_label, fontsize=9)
+                    ax.set_title(row_label, fontsize=10)
                 if i == 0:
-                    ax.set_ylabel(photo_label, fontsize=9)
+                    ax.set_ylabel(photo_label, fontsize=10)
             else:
                 if i == 0:
-                    ax.set_title(photo_label, fontsize=9)
+                    ax.set_title(photo_label, fontsize=10)
                 if row_label is not None and j == 0:
-                    ax.set_ylabel(row_label, fontsize=9)
+                    ax.set_ylabel(row_label, fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -429,9 +434,9 @@ def show_window_rules(images, traced: Dict[str, Any], patch_size: int, sides: Se
             _window_borders(ax, sides[t], patch_size, *img.shape[:2])
             ax.set_xticks([]), ax.set_yticks([])
             if j == 0:
-                ax.set_title(f"block {int(to_numpy(traced['blocks'])[t])}: {sides[t]}x{sides[t]}", fontsize=9)
+                ax.set_title(f"block {int(to_numpy(traced['blocks'])[t])}: {sides[t]}x{sides[t]}", fontsize=10)
             if t == 0:
-                ax.set_ylabel(titles[j], fontsize=9)
+                ax.set_ylabel(titles[j], fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -501,12 +506,12 @@ def plot_tradeoff(ax, df, x: str = "gmacs", y: str = "agreement", by: Union[str,
         if annotate_r:  # below right: the curve rises to the right, so the label stays off it
             for xv, yv, r in zip(g[x], g[y] * scale, g["r"]):
                 ax.annotate(f"r={r}", (xv, yv), textcoords="offset points", xytext=(6, -11),
-                            fontsize=8, color=line.get_color())
+                            fontsize=10, color=line.get_color())
     ax.set_xlabel(METRIC_LABELS.get(x, x))
     ax.set_ylabel(METRIC_LABELS.get(y, y))
     ax.grid(alpha=0.3)
     if legend:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=10)
     return ax
 
 
@@ -548,7 +553,7 @@ def draw_import_graph(ax, graph: Dict[str, Any], layers: Dict[str, int],
             ax.annotate("", xy=pos[d], xytext=pos[m], zorder=1,
                         arrowprops=dict(arrowstyle="->", color="0.6", lw=0.8, shrinkA=22, shrinkB=22))
     for m, (x, y) in pos.items():
-        ax.text(x, y, m, ha="center", va="center", fontsize=9, zorder=2,
+        ax.text(x, y, m, ha="center", va="center", fontsize=10, zorder=2,
                 bbox=dict(boxstyle="round,pad=0.3", fc=colors[groups[m]], ec="0.3", alpha=0.9))
     ax.set_xlim(-0.6, max(layers.values()) + 0.6)
     ax.set_ylim(min(y for _, y in pos.values()) - 0.8, max(y for _, y in pos.values()) + 0.8)
@@ -557,7 +562,7 @@ def draw_import_graph(ax, graph: Dict[str, Any], layers: Dict[str, int],
     ax.set_yticks([])
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
-    ax.legend(handles=[Patch(color=colors[g], label=g) for g in names], fontsize=9, loc="upper center",
+    ax.legend(handles=[Patch(color=colors[g], label=g) for g in names], fontsize=10, loc="upper center",
               bbox_to_anchor=(0.5, -0.12), ncol=len(names), frameon=False)
     return ax
 
@@ -595,7 +600,7 @@ def plot_tokens_per_block(ax, schedules: Dict[str, Any], shade: Optional[str] = 
     ax.set_xlabel("block l (tokens entering it; the last tick: leaving the last block)")
     ax.set_ylabel("tokens (class token included)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=10)
     return ax
 
 
@@ -648,7 +653,7 @@ def draw_phases(ax, schedule, label: str = "DSM"):
         ax.spines[side].set_visible(False)
     modes = list(dict.fromkeys(b.mode for b in schedule.blocks))
     ax.legend(handles=[Patch(color=PHASE_COLORS[m], alpha=0.45, label=PHASE_NAMES[m]) for m in modes],
-              fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=len(modes), frameon=False)
+              fontsize=10, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=len(modes), frameon=False)
     ax.set_title(f"{label}, r = {schedule.options.get('r')}: the three phases over the "
                  f"{depth} blocks ({schedule.macs / 1e9:.3f} GMACs)", fontsize=10)
     return ax
@@ -675,6 +680,6 @@ def draw_schedules(schedules: Dict[str, Any], width: float = 7.6, row_height: fl
     axes[-1, 0].set_xlabel("block l (upper number: tokens entering it; lower: tokens it removes)")
     modes = list(dict.fromkeys(b.mode for s in schedules.values() for b in s.blocks))
     fig.legend(handles=[Patch(color=PHASE_COLORS[m], alpha=0.45, label=PHASE_NAMES[m]) for m in modes],
-               fontsize=9, loc="lower center", ncol=len(modes), frameon=False)
+               fontsize=10, loc="lower center", ncol=len(modes), frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig

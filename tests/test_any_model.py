@@ -87,6 +87,10 @@ def _expected(chapter: str, shape: dict, model_name: str) -> dict:
     m = timm.create_model(model_name, pretrained=False)
     dense = dsm_lite.schedule(m, "tome", r=0)
     grid = "x".join(map(str, shape["grid"]))
+    delay = dsm_lite.default_delay(shape["depth"])
+    if chapter.startswith("00"):
+        return dict(ch0_depth=shape["depth"], ch0_dim=shape["dim"], ch0_heads=shape["heads"],
+                    ch0_patches=shape["grid"][0] * shape["grid"][1], ch0_D=delay)
     if chapter.startswith("01"):
         return dict(ch1_depth=shape["depth"], ch1_heads=shape["heads"], ch1_dim=shape["dim"], ch1_grid=repr(grid))
     if chapter.startswith("02"):
@@ -97,9 +101,13 @@ def _expected(chapter: str, shape: dict, model_name: str) -> dict:
                     ch3_grid=repr(grid), ch3_gmacs_dense=round(dense.macs / 1e9, 3),
                     ch3_tokens_r8=dsm_lite.schedule(m, "tome", r=8).tokens[-1])
     if chapter.startswith("04"):
-        return dict(ch4_n0=shape["grid"][0] * shape["grid"][1])
+        return dict(ch4_n0=shape["grid"][0] * shape["grid"][1], ch4_side=shape["grid"][0],
+                    **{f"ch4_T_{r}": dsm_lite.schedule(m, "spatial", windows="joint", r=r).local_blocks
+                       for r in (4, 8, 12, 16)})
     if chapter.startswith("05"):
-        return dict(ch5_depth=shape["depth"], ch5_D_paper=dsm_lite.default_delay(shape["depth"]))
+        sched = dsm_lite.schedule(m, "dsm", windows="paper", r=16, delay=delay)
+        return dict(ch5_depth=shape["depth"], ch5_D_paper=delay, ch5_tokens_end=sched.tokens[-1],
+                    ch5_sched_gmacs=sched.macs / 1e9)
     return {}
 
 
