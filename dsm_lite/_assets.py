@@ -13,6 +13,7 @@ run resumes where it stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -28,7 +29,7 @@ import urllib.parse
 import urllib.request
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict, Iterator, List, Mapping, Optional
 
 from tqdm import tqdm
 
@@ -222,6 +223,30 @@ def _retry_after(e: urllib.error.HTTPError) -> Optional[float]:
         return None
 
 
+@contextlib.contextmanager
+def atomic_write(path: Path, prefix: str = ".part-", suffix: str = "",
+                 mode: Optional[int] = None) -> Iterator[Path]:
+    """Write ``path`` all at once or not at all: yields a temp file beside it (same file system,
+    so the rename is atomic), which replaces ``path`` when the block ends without an error and is
+    removed otherwise. A reader never sees half a file, and an interrupted write leaves only
+    the old file. ``mode``: the new file's permissions (mkstemp makes it private).
+
+    The one way dsm_lite writes a file it may read back: downloads, the sweep cache, the store.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _download_once(url: str, dest: Path, sha256: str, timeout: float,
                    stop: Optional[threading.Event] = None) -> None:
     """One attempt: stream ``url`` into a temp file beside ``dest``, check it, rename it into place.
@@ -233,9 +258,8 @@ def _download_once(url: str, dest: Path, sha256: str, timeout: float,
         ChecksumError: a complete body (of the announced length) with the wrong sha256.
         _Cancelled: ``stop`` was set meanwhile.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f"{_PART}{os.getpid()}-{_TOKEN}-", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_write(dest, prefix=f"{_PART}{os.getpid()}-{_TOKEN}-") as tmp:
+        with open(tmp, "wb") as out:
             try:
                 resp = urllib.request.urlopen(url, timeout=timeout)
             except urllib.error.HTTPError as e:
@@ -272,10 +296,6 @@ def _download_once(url: str, dest: Path, sha256: str, timeout: float,
             if length is None:  # no announced length: it may just have been cut short
                 raise _Transient("sha256 mismatch", lambda w: ChecksumError(msg))
             raise ChecksumError(msg)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _download(url: str, dest: Path, sha256: str, timeout: float, tries: int,

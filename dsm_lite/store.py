@@ -60,6 +60,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ._assets import atomic_write
 from .data import load_photos
 from .evaluation import dense_logits, per_image_metrics
 from .models import load_model, predict, weights_fingerprint
@@ -308,23 +309,16 @@ def _write(path: Path, entries: Dict[str, Dict[str, Any]]) -> None:
     """Write ``entries`` as a new file (atomically), every ``top5`` coded against its base."""
     head = dict(format=FORMAT, rebuild=REBUILD_COMMAND, written=datetime.date.today().isoformat())
     bases = _dense_bases(entries)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-            _write_member(zf, "__meta__", np.array(json.dumps(head, sort_keys=True)))
-            for name, arr in sorted(_photo_members(iter(entries.values())).items()):
+    # 0o644: the store is package data, readable by all (a temp file starts private)
+    with atomic_write(path, suffix=".npz", mode=0o644) as tmp, \
+            zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        _write_member(zf, "__meta__", np.array(json.dumps(head, sort_keys=True)))
+        for name, arr in sorted(_photo_members(iter(entries.values())).items()):
+            _write_member(zf, name, arr)
+        for key in sorted(entries):
+            base = bases.get(key)
+            for name, arr in _members(key, entries[key], entries.get(base), base):
                 _write_member(zf, name, arr)
-            for key in sorted(entries):
-                base = bases.get(key)
-                for name, arr in _members(key, entries[key], entries.get(base), base):
-                    _write_member(zf, name, arr)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the store is package data
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def compact(path: os.PathLike | str = BOOK_STORE) -> Path:

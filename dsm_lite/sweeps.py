@@ -15,7 +15,6 @@ import hashlib
 import inspect
 import json
 import os
-import tempfile
 import zipfile
 from functools import lru_cache
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import stats
-from ._assets import cache_dir
+from ._assets import atomic_write, cache_dir
 from .data import data_config
 from .devices import model_device
 from .evaluation import PER_PHOTO, EvalResult, dense_logits, per_image_metrics, repatch
@@ -132,16 +131,9 @@ def _context(model: nn.Module, images, labels, batch_size: int) -> Dict[str, Any
 
 
 def _save_npz(path: Path, arrays: Dict[str, np.ndarray], meta: str) -> None:
-    """Write atomically: a temp file beside ``path``, renamed into place when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, __meta__=np.array(meta), **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write atomically (:func:`~dsm_lite._assets.atomic_write`)."""
+    with atomic_write(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, __meta__=np.array(meta), **arrays)
 
 
 def _load_npz(path: Path, meta: str, n: int) -> Optional[Dict[str, np.ndarray]]:
