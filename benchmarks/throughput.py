@@ -73,36 +73,39 @@ def machine(device: torch.device) -> str:
     return f"CPU {name}, {torch.get_num_threads()} threads"
 
 
-Config = Tuple[str, str, int]  # (kind: dense/merged/oracle, method, r)
+Config = Tuple[str, str, int, str]  # (kind: dense/merged/oracle, method, r, backend)
 
 
-def configurations(methods: List[str], rs: List[int], oracle: bool = True) -> List[Config]:
-    configs: List[Config] = [("dense", "-", 0)]
+def configurations(methods: List[str], rs: List[int], oracle: bool = True,
+                   backends: Tuple[str, ...] = ("auto",)) -> List[Config]:
+    """Dense, then per method and r: the merged model on each backend, and its oracle."""
+    configs: List[Config] = [("dense", "-", 0, "-")]
     for method in methods:
         for r in rs:
-            configs += [("merged", method, r)] + ([("oracle", method, r)] if oracle else [])
+            configs += [("merged", method, r, b) for b in backends]
+            configs += [("oracle", method, r, "-")] if oracle else []
     return configs
 
 
 def instantiate(base: torch.nn.Module, config: Config) -> torch.nn.Module:
     """The model of one configuration: its own patched copy (merged), or the shared dense
     weights (dense; oracle, which calls the unpatched modules)."""
-    kind, method, r = config
+    kind, method, r, backend = config
     if kind == "dense":
         return base
     if kind == "oracle":
         return TruncationOracle(base, dsm_lite.schedule(base, method, r))
-    return dsm_lite.patch(copy.deepcopy(base), method, r=r)
+    return dsm_lite.patch(copy.deepcopy(base), method, r=r, backend=backend)
 
 
 def run_model(name: str, args, device: torch.device) -> None:
     base = build(name, device)
     size = (3,) + tuple(base.patch_embed.img_size)
-    configs = configurations(args.methods, args.r, oracle=not args.no_oracle)
+    configs = configurations(args.methods, args.r, oracle=not args.no_oracle, backends=tuple(args.backend))
     macs = [dsm_lite.schedule(base, "tome", 0).macs if kind == "dense" else dsm_lite.schedule(base, m, r).macs
-            for kind, m, r in configs]
+            for kind, m, r, _ in configs]
     if args.count_macs:  # torchprofile's count, through the patched model
-        for (kind, m, r), mc in zip(configs, macs):
+        for (kind, m, r, _), mc in zip(configs, macs):
             if kind == "merged":
                 assert dsm_lite.count_macs(dsm_lite.patch(base, m, r=r), size) == mc, (m, r)
                 dsm_lite.unpatch(base)
@@ -137,40 +140,41 @@ def run_model(name: str, args, device: torch.device) -> None:
         dense_tp, dense_macs = results[0].mean, macs[0]
         print(f"\n{name}, batch {batch}, {label}, amp {args.amp}: {nruns} timed rounds after "
               f"{args.warmup} warm-up rounds, {args.clock} time ({elapsed:.0f} s)")
-        print(f"{'method':<8} {'r':>3} {'GMACs':>7} {'im/s':>9} {'± std':>8} {'speed-up':>9} "
+        print(f"{'method':<8} {'backend':<7} {'r':>3} {'GMACs':>7} {'im/s':>9} {'± std':>8} {'speed-up':>9} "
               f"{'MAC red.':>9} {'MAC eff.':>9} {'oracle im/s':>12} {'oracle eff.':>12}")
         by_config = dict(zip(configs, zip(results, macs)))
-        summary: Dict[str, list] = defaultdict(list)
+        summary: Dict[Tuple[str, str], list] = defaultdict(list)
         for config in configs:
-            kind, method, r = config
+            kind, method, r, backend = config
             if kind == "oracle":
                 continue
             tp, mc = by_config[config]
             speed, red = tp.mean / dense_tp, dense_macs / mc
-            line = (f"{method if kind == 'merged' else 'dense':<8} {r:>3} {mc / 1e9:>7.3f} {tp.mean:>9.1f} "
-                    f"{tp.std:>8.1f} {speed:>9.3f} {red:>9.3f} {speed / red:>9.3f}")
-            if kind == "merged" and ("oracle", method, r) in by_config:
-                oracle = by_config[("oracle", method, r)][0].mean
+            line = (f"{method if kind == 'merged' else 'dense':<8} {backend:<7} {r:>3} {mc / 1e9:>7.3f} "
+                    f"{tp.mean:>9.1f} {tp.std:>8.1f} {speed:>9.3f} {red:>9.3f} {speed / red:>9.3f}")
+            if kind == "merged" and ("oracle", method, r, "-") in by_config:
+                oracle = by_config[("oracle", method, r, "-")][0].mean
                 line += f" {oracle:>12.1f} {tp.mean / oracle:>12.3f}"
-                summary[method].append((r, speed, speed / red, tp.mean / oracle))
+                summary[method, backend].append((r, speed, speed / red, tp.mean / oracle))
             elif kind == "merged":
-                summary[method].append((r, speed, speed / red, float("nan")))
+                summary[method, backend].append((r, speed, speed / red, float("nan")))
             print(line)
-        for method, rows in summary.items():
+        for (method, backend), rows in summary.items():
             big = [row for row in rows if row[0] >= 8]
             slower = [r for r, s, _, _ in rows if s < 1.0]
             mac_eff = min(e for _, _, e, _ in big) if big else float("nan")
             orc_eff = min(e for _, _, _, e in big) if big else float("nan")
-            print(f"  {method}: lowest at r>=8: MAC efficiency {mac_eff:.3f}, oracle efficiency "
-                  f"{orc_eff:.3f}; slower than dense at r={slower if slower else 'none'}")
+            print(f"  {method} ({backend}): lowest at r>=8: MAC efficiency {mac_eff:.3f}, oracle "
+                  f"efficiency {orc_eff:.3f}; slower than dense at r={slower if slower else 'none'}")
         if not args.no_profile:
             x = torch.randn(batch, *size, device=device)
             print(f"  where the time goes (share of profiled op time, one batch of {batch}, r={max(args.r)}):")
             for method in args.methods:
-                i = configs.index(("merged", method, max(args.r)))
-                parts = time_breakdown(fns[i] if args.compile else Autocast(models[i], device, amp), x)
-                text = ", ".join(f"{k} {v:.1%}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
-                print(f"    {method:<8} {text}")
+                for backend in args.backend:
+                    i = configs.index(("merged", method, max(args.r), backend))
+                    parts = time_breakdown(fns[i] if args.compile else Autocast(models[i], device, amp), x)
+                    text = ", ".join(f"{k} {v:.1%}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
+                    print(f"    {method:<8} {backend:<7} {text}")
         sys.stdout.flush()
 
 
@@ -185,6 +189,12 @@ def main(argv: List[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--device", default=None)
     ap.add_argument("--amp", choices=sorted(AMP), default="none", help="torch.autocast dtype")
+    ap.add_argument("--backend", nargs="+", choices=list(dsm_lite.patching.BACKENDS), default=["auto"],
+                    help="where merging runs (dsm_lite.patch's backend); several are timed side by "
+                         "side in the same interleaved run")
+    ap.add_argument("--tf32", action="store_true",
+                    help="allow TF32 in float32 matmuls and convolutions on a GPU (default: off, "
+                         "the paper's float32)")
     ap.add_argument("--compile", action="store_true", help="time torch.compile-d models")
     ap.add_argument("--compile-mode", default="default",
                     choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
@@ -209,9 +219,12 @@ def main(argv: List[str] | None = None) -> None:
                  "without --compile (--compile-mode reduce-overhead is the compiled equivalent)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
     torch.manual_seed(0)
     print(f"device: {machine(device)}; torch {torch.__version__}, timm {timm.__version__}; "
           f"batch sizes {args.batch_sizes}, rounds {args.runs}, warm-up {args.warmup}; amp {args.amp}; "
+          f"TF32 {'on' if args.tf32 else 'off'}; merging backends {args.backend}; "
           f"{'compiled' if args.compile else 'eager'}{', CUDA graphs' if args.cuda_graph else ''}; "
           f"{args.clock} clock")
     for name in args.models:

@@ -170,6 +170,8 @@ CATEGORIES: Dict[str, Tuple[str, ...]] = {
                             "aten::norm", "aten::max", "aten::masked_fill", "aten::one_hot",
                             "aten::cumsum", "aten::clamp_min", "aten::fill_", "aten::mean",
                             "aten::log", "aten::eq", "aten::remainder", "aten::floor_divide"),
+    # the Triton backend: its custom op, which holds both kernels (dsm_lite.fused_merge)
+    "fused matching/merge": ("dsm_lite::fused_merge",),
 }
 OTHER = "transformer"
 

@@ -24,9 +24,10 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
+from . import fused_merge as fused
 from .devices import to_model
 from .merging import (FLOAT_DTYPES, HALF_DTYPES, Merge, WindowLayout, bipartite_soft_matching,
-                      merge_source, merge_wavg, prune_lowest_norm, window_layout,
+                      max_reduction, merge_source, merge_wavg, prune_lowest_norm, window_layout,
                       window_quota_matching, window_soft_matching)
 from .schedules import RANDOM_FEATURE_DIM, ModelShape, RSpec, Schedule, plan
 from .windows import square_window_ids, window_ids
@@ -72,9 +73,13 @@ class _Prepared:
                                                   num_prefix)
 
 __all__ = ["MergeState", "patch", "unpatch", "is_patched", "patch_settings", "schedule", "attention_bias", "attention_qkv",
-           "trace_sources", "trace_sources_per_block", "trace_windows", "SUPPORTED_POOLS"]
+           "trace_sources", "trace_sources_per_block", "trace_windows", "SUPPORTED_POOLS", "BACKENDS"]
 
 SUPPORTED_POOLS = ("token", "avg", "")
+#: where a merging block's matching and merge run: ``"eager"`` PyTorch ops
+#: (:mod:`dsm_lite.merging`), ``"triton"`` two fused kernels (:mod:`dsm_lite.fused_merge`),
+#: ``"auto"`` Triton for CUDA tensors of a dtype it takes when it imports, else eager
+BACKENDS = ("auto", "triton", "eager")
 
 
 class MergeState:
@@ -86,7 +91,14 @@ class MergeState:
     """
 
     def __init__(self, model: nn.Module, method: str, options: dict,
-                 prop_attn: bool, trace_source: bool, seed: int) -> None:
+                 prop_attn: bool, trace_source: bool, seed: int, backend: str = "auto") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "triton" and not fused.triton_available():
+            raise fused.TritonUnavailableError(
+                "backend='triton' needs Triton, which did not import (it ships with CUDA builds "
+                "of torch; `pip install triton`); use backend='auto' or 'eager'")
+        self.backend = backend
         self.method = method
         self.options = options
         self.prop_attn = prop_attn
@@ -97,6 +109,8 @@ class MergeState:
         self._schedules: Dict[Tuple[int, int], Schedule] = {}
         # paper windows: window id per sequence position, per (grid, block, device)
         self._square_ids: Dict[tuple, Tensor] = {}
+        # paper windows for the fused kernel: (quotas, their exclusive prefix sums), same keys
+        self._quotas: Dict[tuple, Tuple[Tensor, Tensor]] = {}
         # joint windows: window tables and the first block's layout, per (batch, device, grid)
         self._prepared_cache: Dict[tuple, _Prepared] = {}
         self.schedule = self.schedule_for(self._shape.grid)
@@ -175,16 +189,73 @@ class MergeState:
         Only called where the schedule merges (r > 0): never in the delay, the first D blocks.
         """
         step = self.schedule.blocks[index]
-        if self.options["feature"] == "random":
-            # drawn on the CPU generator (the same draws on every device), then moved to the
-            # tokens' device
-            shape = (x.shape[0], x.shape[1], RANDOM_FEATURE_DIM)
-            metric = torch.randn(shape, generator=self.generator).to(x.device, x.dtype)
+        metric = self.feature(x, metric)
         if self.options["reduction"] == "prune":
             return prune_lowest_norm(metric, step.r, self.num_prefix)
         if step.mode == "local":
             return self.merge_in_windows(index, metric)
         return self.merge_globally(metric, step.r)
+
+    def feature(self, x: Tensor, metric: Optional[Tensor]) -> Tensor:
+        """The similarity feature: ``metric`` as the attention gave it, or for
+        ``feature="random"`` (metric None) a draw of (B, N, RANDOM_FEATURE_DIM) on the CPU
+        generator (the same draws on every device), moved to the tokens' device."""
+        if self.options["feature"] != "random":
+            return metric
+        shape = (x.shape[0], x.shape[1], RANDOM_FEATURE_DIM)
+        return torch.randn(shape, generator=self.generator).to(x.device, x.dtype)
+
+    def uses_triton(self, x: Tensor) -> bool:
+        """Whether this forward's merges of tokens x (B, N, C) run the fused Triton kernels:
+        always for ``backend="triton"`` (which raises where they cannot run), for
+        ``"auto"`` on CUDA tensors of a dtype they take when Triton imports."""
+        if self.backend == "eager":
+            return False
+        if self.backend == "auto":
+            return (x.is_cuda and x.dtype in fused.KERNEL_DTYPES and x.shape[1] <= fused.MAX_TOKENS
+                    and fused.triton_available())
+        fused.check_fused(x)
+        return True
+
+    def merge_fused(self, index: int, x: Tensor, metric: Optional[Tensor]) -> Tuple[Tensor, Tensor, Merge]:
+        """Block ``index``'s matching and merge of x (B, N, C) in the fused Triton kernels.
+
+        Returns the merged tokens, their sizes and the :class:`Merge` (for source tracing and
+        anchors); the same decisions as :meth:`match` then ``merge_wavg``.
+        """
+        step = self.schedule.blocks[index]
+        metric = self.feature(x, metric)
+        n, p = x.shape[1], self.num_prefix
+        kw: dict = {}
+        if self.options["reduction"] == "prune":
+            r, kw["mode"] = min(step.r, max(n - p - 1, 0)), fused.PRUNE
+        elif step.mode == "local" and self.options["windows"] == "paper":
+            r, kw["mode"] = step.r, fused.PAPER
+            kw["window_ids"] = self.square_ids(index, x.device)
+            kw["quotas"], kw["quota_starts"] = self.quota_tensors(index, x.device)
+        elif step.mode == "local":
+            r, kw["mode"] = min(step.r, max((n - p - step.num_windows) // 2, 0)), fused.JOINT
+            kw["window_ids"] = self.prepared.window_table[index].take(self.anchors)
+        else:
+            r, kw["mode"] = min(step.r, max_reduction(n, p)), fused.GLOBAL
+            kw["tome_order"] = self.method == "tome"
+        if r <= 0:  # nothing to merge (a clamp at the end of a sequence): the eager identity
+            merge = self.match(index, x, metric)
+            return (*merge_wavg(merge, x, self.size), merge)
+        return fused.fused_merge(x, self.size, metric, r, p, **kw)
+
+    def quota_tensors(self, index: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+        """(W,) merges of each paper window entering local block ``index`` and their exclusive
+        prefix sums (int32; cached like :meth:`square_ids`)."""
+        key = (self.grid, index, device)
+        if _compiling() or key not in self._quotas:
+            quotas = torch.tensor(self.schedule.blocks[index].window_quotas, dtype=torch.int32)
+            starts = quotas.cumsum(0, dtype=torch.int32) - quotas
+            pair = (quotas.to(device), starts.to(device))
+            if _compiling():  # see square_ids
+                return pair
+            self._quotas[key] = pair
+        return self._quotas[key]
 
     def merge_in_windows(self, index: int, metric: Tensor) -> Merge:
         """The local phase (spatial merging, DSM): matching only inside each window."""
@@ -320,16 +391,21 @@ def _block_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
             metric = x  # the block input, before attention
     x = x + self.drop_path1(self.ls1(attn_out))
     if merging:
-        merge = st.match(self._dsm_index, x, metric)
+        unmerged = x
+        if st.uses_triton(x):
+            x, size, merge = st.merge_fused(self._dsm_index, x, metric)
+        else:
+            merge = st.match(self._dsm_index, x, metric)
+            x, size = merge_wavg(merge, x, st.size)
         if st.trace_source:
-            st.source = merge_source(merge, x, st.source)
+            st.source = merge_source(merge, unmerged, st.source)
         if st.anchors is not None:
             if self._dsm_index <= st.prepared.last_anchor_block:
                 p = st.num_prefix
                 st.anchors = st.anchors.gather(1, merge.keep[:, p:] - p)
             else:  # no local block reads them any more
                 st.anchors = None
-        x, st.size = merge_wavg(merge, x, st.size)
+        st.size = size
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -424,6 +500,7 @@ def patch(
     local_blocks: Optional[int] = None,
     windows: str = "paper",
     seed: int = 0,
+    backend: str = "auto",
 ) -> nn.Module:
     """Make a timm ViT merge tokens, in place; returns the model.
 
@@ -445,10 +522,18 @@ def patch(
         delay, window, window_growth, local_blocks: spatial/DSM options, see ``plan``.
         windows: ``"paper"`` (default) or ``"joint"`` (windows of the original patch grid via
             each token's anchor, the best r merges over all windows together), see ``plan``.
+        backend: where each merging block matches and merges: ``"eager"`` (PyTorch ops, any
+            device and dtype), ``"triton"`` (two fused kernels per block,
+            :mod:`dsm_lite.fused_merge`: CUDA tensors, or CPU ones under Triton's interpreter;
+            float16, bfloat16, float32) or ``"auto"`` (default: Triton on CUDA when it imports
+            and takes the dtype, eager otherwise, so CPU and float64 runs stay eager). Both
+            make the same merge decisions; outputs agree to float32 rounding.
 
     Raises:
         TypeError: the model is not a supported timm ViT (nothing is changed).
         ValueError: an option is invalid (nothing is changed).
+        dsm_lite.fused_merge.TritonUnavailableError: ``backend="triton"`` without Triton
+            (nothing is changed); at the forward pass, on CPU tensors with the interpreter off.
 
     The patched model runs wherever it is: every tensor the merging creates (indices,
     anchors, sizes, source maps) is made on the device of the tokens it works on.
@@ -459,7 +544,7 @@ def patch(
                    local_blocks=local_blocks, feature=feature, reduction=reduction,
                    prop_attn=prop_attn, windows=windows)
     # validate before touching the model: a rejected call leaves any previous patch in place
-    state = MergeState(model, method, options, prop_attn, trace_source, seed)
+    state = MergeState(model, method, options, prop_attn, trace_source, seed, backend)
     if is_patched(model):
         unpatch(model)
     model._dsm_state = state
@@ -478,7 +563,8 @@ def patch_settings(model: nn.Module) -> Optional[dict]:
     if not is_patched(model):
         return None
     st: MergeState = model._dsm_state
-    return dict(st.options, method=st.method, trace_source=st.trace_source, seed=st.seed)
+    return dict(st.options, method=st.method, trace_source=st.trace_source, seed=st.seed,
+                backend=st.backend)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -508,7 +594,8 @@ def schedule(model: nn.Module, method: Optional[str] = None, r: Optional[RSpec] 
             raise ValueError("model is not patched: pass method= and r=")
         return model._dsm_state.schedule if grid is None else model._dsm_state.schedule_for(grid)
     _check_supported(model)
-    options.pop("prop_attn", None), options.pop("trace_source", None), options.pop("seed", None)
+    for name in ("prop_attn", "trace_source", "seed", "backend"):  # no effect on the schedule
+        options.pop(name, None)
     return plan(ModelShape.from_model(model, grid), method, r if r is not None else 0, **options)
 
 

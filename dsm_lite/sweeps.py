@@ -42,8 +42,9 @@ __all__ = ["sweep", "summary_table", "sweep_cache_dir", "code_hash", "images_has
            "METRIC_COLUMNS"]
 
 CACHE_FORMAT = 1
-#: patch() options that do not change a forward pass's outputs, left out of cache keys.
-_NON_RESULT_OPTIONS = ("trace_source",)
+#: patch() options left out of cache keys: they do not change a forward pass's outputs, or
+#: (backend) only at float32 rounding, the merge decisions being the same.
+_NON_RESULT_OPTIONS = ("trace_source", "backend")
 
 
 def _per_photo(x) -> np.ndarray:

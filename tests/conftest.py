@@ -13,6 +13,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Without a GPU, the fused Triton kernels (dsm_lite.fused_merge) are tested in Triton's CPU
+# interpreter, which Triton reads when the kernels are defined: set it before any test loads
+# them. Notebooks run by nbval inherit it and are unaffected (backend="auto" is eager on a CPU).
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 
 @pytest.fixture(scope="session")
 def real_assets() -> Path:

@@ -138,11 +138,14 @@ def test_harness_catches_device_mixes(fake: FakeCuda, vit) -> None:
 
 
 # --------------------------------------------------------------------------- patching
+@pytest.mark.parametrize("backend", ["eager", "auto"])
 @pytest.mark.parametrize("kw", METHODS, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
-def test_patched_forward_runs_on_cuda(fake: FakeCuda, vit, kw) -> None:
+def test_patched_forward_runs_on_cuda(fake: FakeCuda, vit, kw, backend) -> None:
     """Every method, reduction and feature, including the random feature (CPU generator,
-    draws moved to the tokens' device): all merging tensors are made on the tokens' device."""
-    dsm_lite.patch(vit, **kw)
+    draws moved to the tokens' device): all merging tensors are made on the tokens' device,
+    by the eager engine and by the fused kernels ("auto" picks them for CUDA tensors; under
+    fake tensors their op gives shapes only, see tests/test_fused_merge.py)."""
+    dsm_lite.patch(vit, **kw, backend=backend)
     with fake, torch.no_grad():
         out = vit(torch.randn(2, 3, 224, 224, device="cuda"))
         st = vit._dsm_state
@@ -154,14 +157,15 @@ def test_patched_forward_runs_on_cuda(fake: FakeCuda, vit, kw) -> None:
             assert is_cuda(st.anchors)
 
 
+@pytest.mark.parametrize("backend", ["eager", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kw", METHODS, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
-def test_half_precision_model_runs_on_cuda(fake: FakeCuda, cpu_vit, kw, dtype) -> None:
+def test_half_precision_model_runs_on_cuda(fake: FakeCuda, cpu_vit, kw, dtype, backend) -> None:
     """A float16/bfloat16 model on the GPU (how half precision is served without autocast,
     which a CPU-only torch switches off for "cuda"): every method runs, the logits come out in
     the model's dtype, token sizes stay float32, all on the device."""
     vit = fake.convert(copy.deepcopy(cpu_vit).to(dtype), "cuda")
-    dsm_lite.patch(vit, **kw)
+    dsm_lite.patch(vit, **kw, backend=backend)
     with fake, torch.no_grad():
         out = vit(torch.randn(2, 3, 224, 224, device="cuda", dtype=dtype))
         st = vit._dsm_state
