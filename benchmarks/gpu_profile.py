@@ -11,6 +11,12 @@ batch size and configuration (dense, merged, its truncation oracle), into:
 * **graph ms**: the forward captured once as a CUDA graph (``dsm_lite.measure.CudaGraphed``)
   and replayed: the kernels alone, with the host cost gone.
 
+and, per merged configuration, **extra kernels per merging block**: (its kernels minus its
+oracle's) / merging blocks, which is what matching and merging launch (plus proportional
+attention's bias and the similarity feature's head mean). ``--backend eager triton`` runs
+each method on both backends of ``dsm_lite.patch`` side by side (before and after the fused
+kernels).
+
 When wall ≈ host > kernel, the forward is host-bound and more (small) ops cost time whatever
 the batch; when wall ≈ kernel, it is GPU-bound. It also checks that one forward of every
 method runs without a single host synchronisation (``torch.cuda.set_sync_debug_mode``), and
@@ -55,14 +61,25 @@ def syncs(fn: Callable, x: torch.Tensor) -> List[str]:
     return [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}" for w in caught]
 
 
-def kernel_stats(fn: Callable, x: torch.Tensor):
-    """(GPU busy ms, kernel count, {kernel name: ms}) of one forward."""
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def kernel_stats(fn: Callable, x: torch.Tensor, gpu: bool = True):
+    """(GPU busy ms, kernel count, {kernel name: ms}) of one forward. On the CPU (a rehearsal)
+    the ops stand in for the kernels: their count and CPU time."""
     with torch.no_grad():
         fn(x)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
             fn(x)
-            torch.cuda.synchronize()
+            sync()
+    if not gpu:
+        ops = [e for e in prof.events() if e.name.startswith(("aten::", "dsm_lite::"))
+               and e.cpu_parent is None]
+        return (sum(e.cpu_time_total for e in ops) / 1e3, len(ops),
+                {e.name: e.cpu_time_total / 1e3 for e in ops})
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                and not e.name.startswith("Memcpy") and not e.name.startswith("Memset")]
     by_name: Dict[str, float] = {}
@@ -80,33 +97,44 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--amp", choices=["fp16", "bf16"], default="fp16")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
+    ap.add_argument("--backend", nargs="+", choices=list(dsm_lite.patching.BACKENDS), default=["auto"],
+                    help="merging backends to compare (dsm_lite.patch's backend)")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only rehearses the script (no timings of note)")
     args = ap.parse_args(argv)
     amp = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.amp]
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    gpu = dev.type == "cuda"
     torch.manual_seed(0)
-    print(f"device: {torch.cuda.get_device_name(dev)}; torch {torch.__version__}, timm {timm.__version__}; "
-          f"{args.amp} autocast, r={args.r}, medians over {args.runs} interleaved runs")
+    print(f"device: {torch.cuda.get_device_name(dev) if gpu else 'CPU (rehearsal)'}; torch {torch.__version__}, "
+          f"timm {timm.__version__}; {args.amp} autocast, r={args.r}, medians over {args.runs} interleaved runs; "
+          f"backends {args.backend}")
     for name in args.models:
         base = timm.create_model(name, pretrained=False).eval().to(dev)
         configs = {"dense": base}
+        oracle_of, blocks_of = {}, {}
         for method in args.methods:
-            configs[method] = dsm_lite.patch(copy.deepcopy(base), method, r=args.r)
+            for backend in args.backend:
+                key = method if len(args.backend) == 1 else f"{method} [{backend}]"
+                configs[key] = dsm_lite.patch(copy.deepcopy(base), method, r=args.r, backend=backend)
+                oracle_of[key] = f"{method} oracle"
+                blocks_of[key] = sum(b.r > 0 for b in dsm_lite.schedule(base, method, args.r).blocks)
             configs[f"{method} oracle"] = TruncationOracle(base, dsm_lite.schedule(base, method, args.r))
-        configs[f"{args.methods[0]} no prop-attn"] = dsm_lite.patch(copy.deepcopy(base), args.methods[0],
-                                                                     r=args.r, prop_attn=False)
+        first = next(iter(oracle_of))
+        configs[f"{first} no prop-attn"] = dsm_lite.patch(copy.deepcopy(base), args.methods[0], r=args.r,
+                                                          prop_attn=False, backend=args.backend[0])
         fns = {k: Autocast(m, dev, amp) for k, m in configs.items()}
         x8 = torch.randn(8, 3, 224, 224, device=dev)
-        for method in args.methods:
-            found = syncs(fns[method], x8)
-            print(f"{name} {method}: {len(found)} host synchronisations in one forward"
+        for key in oracle_of:
+            found = syncs(fns[key], x8) if gpu else []
+            print(f"{name} {key}: {len(found)} host synchronisations in one forward"
                   + "".join(f"\n    {s}" for s in sorted(set(found))))
         for batch in args.batch_sizes:
             x = torch.randn(batch, 3, 224, 224, device=dev)
             graphs = {}
-            if not args.no_graph:
+            if not args.no_graph and gpu:
                 for k, fn in fns.items():
                     graphs[k] = CudaGraphed(fn, x)
-                out_e, out_g = fns[args.methods[0]](x).float(), graphs[args.methods[0]](x).float()
+                out_e, out_g = fns[first](x).float(), graphs[first](x).float()
                 print(f"\n{name}, batch {batch}: graph vs eager logits, max |diff| "
                       f"{(out_e - out_g).abs().max().item():.2e}")
             host: Dict[str, list] = {k: [] for k in fns}
@@ -115,15 +143,15 @@ def main(argv=None) -> None:
             with torch.no_grad():
                 for step in range(args.runs + 3):
                     for k, fn in fns.items():
-                        torch.cuda.synchronize()
+                        sync()
                         t0 = time.perf_counter()
                         fn(x)
                         t1 = time.perf_counter()
-                        torch.cuda.synchronize()
+                        sync()
                         t2 = time.perf_counter()
                         if k in graphs:
                             graphs[k](x)
-                            torch.cuda.synchronize()
+                            sync()
                             t3 = time.perf_counter()
                         if step >= 3:
                             host[k].append(t1 - t0)
@@ -131,19 +159,21 @@ def main(argv=None) -> None:
                             if k in graphs:
                                 graph[k].append(t3 - t2)
             print(f"\n{name}, batch {batch}")
-            print(f"{'config':<22} {'host ms':>8} {'wall ms':>8} {'kernel ms':>10} {'kernels':>8} "
-                  f"{'graph ms':>9} {'im/s eager':>11} {'im/s graph':>11}")
-            biggest = None
+            print(f"{'config':<26} {'host ms':>8} {'wall ms':>8} {'kernel ms':>10} {'kernels':>8} "
+                  f"{'per merging block':>18} {'graph ms':>9} {'im/s eager':>11} {'im/s graph':>11}")
+            biggest, stats = None, {k: kernel_stats(fn, x, gpu) for k, fn in fns.items()}
             for k, fn in fns.items():
-                busy, count, by_name = kernel_stats(fn, x)
+                busy, count, by_name = stats[k]
                 h, w = statistics.median(host[k]) * 1e3, statistics.median(wall[k]) * 1e3
                 g = statistics.median(graph[k]) * 1e3 if graph[k] else float("nan")
-                print(f"{k:<22} {h:>8.2f} {w:>8.2f} {busy:>10.2f} {count:>8d} {g:>9.2f} "
+                extra = (f"{(count - stats[oracle_of[k]][1]) / blocks_of[k]:>18.1f}" if k in oracle_of
+                         else f"{'':>18}")
+                print(f"{k:<26} {h:>8.2f} {w:>8.2f} {busy:>10.2f} {count:>8d} {extra} {g:>9.2f} "
                       f"{batch / w * 1e3:>11.0f} {batch / g * 1e3:>11.0f}")
-                if k == args.methods[0]:
+                if k == first:
                     biggest = by_name
             if batch == max(args.batch_sizes) and biggest:
-                print(f"  GPU time by kernel, {args.methods[0]} r={args.r}, batch {batch} (top 15, ms):")
+                print(f"  GPU time by kernel, {first} r={args.r}, batch {batch} (top 15, ms):")
                 for kname, t in sorted(biggest.items(), key=lambda kv: -kv[1])[:15]:
                     print(f"    {t:7.3f}  {kname[:110]}")
             del graphs

@@ -15,7 +15,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 #: the role of every module: what a reader looks in it for
 GROUPS = {
-    **dict.fromkeys(("merging", "windows", "schedules", "patching", "measure", "devices", "numerics"),
+    **dict.fromkeys(("merging", "windows", "schedules", "patching", "measure", "devices", "numerics",
+                     "fused_merge", "triton_kernels"),
                     "engine: merging, schedules, cost"),
     **dict.fromkeys(("models", "data", "_assets"), "models and photos"),
     **dict.fromkeys(("evaluation", "sweeps", "store", "stats", "compare", "claims", "probes", "grid"),

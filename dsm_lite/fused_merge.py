@@ -53,10 +53,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .merging import Merge
+from .merging import (Merge, bipartite_soft_matching, merge_wavg, prune_lowest_norm,
+                      window_quota_matching, window_soft_matching)
 
 __all__ = ["TritonUnavailableError", "triton_available", "interpreter_on", "check_fused",
-           "fused_merge", "KERNEL_DTYPES", "MAX_TOKENS", "GLOBAL", "JOINT", "PAPER", "PRUNE"]
+           "fused_merge", "eager_merge", "KERNEL_DTYPES", "MAX_TOKENS", "GLOBAL", "JOINT", "PAPER", "PRUNE"]
 
 #: activation dtypes the kernels take (float64, the book's CPU numerics, stays eager)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -92,7 +93,10 @@ def _kernels():
 
 
 def triton_available() -> bool:
-    """Whether Triton imports (it ships with CUDA builds of torch)."""
+    """Whether Triton imports (it ships with CUDA builds of torch) and torch can register its
+    kernels as an op (``torch.library.triton_op``, torch 2.6 and later)."""
+    if not hasattr(torch.library, "triton_op"):
+        return False
     try:
         _kernels()
     except ImportError:
@@ -112,7 +116,7 @@ def check_fused(x: Tensor, metric: Optional[Tensor] = None) -> None:
     if not triton_available():
         raise TritonUnavailableError(
             "backend='triton' needs Triton, which did not import (it ships with CUDA builds of "
-            "torch; `pip install triton`); use backend='auto' or 'eager'")
+            "torch; `pip install triton`), and torch 2.6 or later; use backend='auto' or 'eager'")
     if x.device.type == "cpu" and not _kernels().INTERPRETED:
         raise TritonUnavailableError(
             "backend='triton' on CPU tensors needs Triton's interpreter (set TRITON_INTERPRET=1 "
@@ -134,23 +138,28 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return p
 
 
-def _allocate(x: Tensor, r: int) -> Tuple[Tensor, ...]:
-    """The op's outputs, uninitialised (the kernels write every element)."""
+def _allocate(x: Tensor, r: int, num_prefix: int, anchors: Optional[Tensor]) -> Tuple[Tensor, ...]:
+    """The op's outputs, uninitialised (the kernels write every element): merged tokens,
+    sizes, src, dst, keep, and the survivors' anchors (JOINT; else empty)."""
     b, n, c = x.shape
     k = n - r
     long = dict(dtype=torch.long, device=x.device)
+    kept_anchors = (torch.empty(b, k - num_prefix, **long) if anchors is not None
+                    else torch.empty(0, **long))
     return (x.new_empty(b, k, c), torch.empty(b, k, 1, dtype=torch.float32, device=x.device),
-            torch.empty(b, r, **long), torch.empty(b, r, **long), torch.empty(b, k, **long))
+            torch.empty(b, r, **long), torch.empty(b, r, **long), torch.empty(b, k, **long),
+            kept_anchors)
 
 
 def _fused_merge_impl(x: Tensor, size: Optional[Tensor], metric: Tensor,
-                      window_ids: Optional[Tensor], quotas: Optional[Tensor],
+                      window_ids: Optional[Tensor], anchors: Optional[Tensor],
+                      window_table: Optional[Tensor], quotas: Optional[Tensor],
                       quota_starts: Optional[Tensor], r: int, num_prefix: int, mode: int,
-                      tome_order: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      tome_order: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from torch.library import wrap_triton
 
     kern = _kernels()
-    out, size_out, src, dst, keep = _allocate(x, r)
+    out, size_out, src, dst, keep, kept_anchors = _allocate(x, r, num_prefix, anchors)
     b, n, c = x.shape
     k = n - r
     np_ = -(-n // (2 * _BLOCK)) * 2 * _BLOCK  # whole tiles, also of every second position
@@ -160,15 +169,18 @@ def _fused_merge_impl(x: Tensor, size: Optional[Tensor], metric: Tensor,
     starts = torch.empty(b, k, dtype=torch.int32, device=x.device)
     counts = torch.empty(b, k, dtype=torch.int32, device=x.device)
     order = torch.empty(b, r, dtype=torch.int32, device=x.device)
-    gid = window_ids if window_ids is not None else scratch  # placeholder pointer when unused
-    gid_stride = 0 if window_ids is None or window_ids.dim() == 1 else window_ids.stride(0)
+    # a token's group: its window (PAPER), its anchor's window (JOINT, via the table)
+    gid = anchors if anchors is not None else window_ids
+    gid_stride = 0 if gid is None or gid.dim() == 1 else gid.stride(0)
+    gid = gid if gid is not None else scratch  # placeholder pointers where unused
+    table = window_table if window_table is not None else scratch
     quo = quotas if quotas is not None else scratch
     qst = quota_starts if quota_starts is not None else scratch
     cm = metric.shape[-1]
     wrap_triton(kern.match_kernel)[(b,)](
         metric, metric.stride(0), metric.stride(1), metric.stride(2),
-        gid, gid_stride, quo, qst, scratch, best,
-        src, dst, keep, starts, counts, order,
+        gid, gid_stride, table, quo, qst, scratch, best,
+        src, dst, keep, starts, counts, order, kept_anchors,
         n, cm, num_prefix, r, b * np_,
         MODE=mode, TOME_ORDER=tome_order, NP=np_, BLOCK=_BLOCK,
         BLOCK_C=_pow2(cm, 16, 64), STEP=2 if mode == GLOBAL else 1)
@@ -183,7 +195,7 @@ def _fused_merge_impl(x: Tensor, size: Optional[Tensor], metric: Tensor,
         HAS_SIZE=has_size, WIDE_SUM=x.dtype in (torch.float16, torch.bfloat16),
         BF16_OUT=x.dtype == torch.bfloat16,
         BLOCK_R=_BLOCK_R, BLOCK_C=block_c)
-    return out, size_out, src, dst, keep
+    return out, size_out, src, dst, keep, kept_anchors
 
 
 _OP = None
@@ -200,9 +212,9 @@ def _op():
             op = torch.library.custom_op(name, _fused_merge_impl, mutates_args=())
 
             @op.register_fake
-            def _(x, size, metric, window_ids, quotas, quota_starts, r, num_prefix, mode,
-                  tome_order):
-                return _allocate(x, r)
+            def _(x, size, metric, window_ids, anchors, window_table, quotas, quota_starts, r,
+                  num_prefix, mode, tome_order):
+                return _allocate(x, r, num_prefix, anchors)
         else:
             op = torch.library.triton_op(name, _fused_merge_impl, mutates_args=())
         _OP = op
@@ -211,8 +223,9 @@ def _op():
 
 def fused_merge(x: Tensor, size: Optional[Tensor], metric: Tensor, r: int, num_prefix: int,
                 mode: int = GLOBAL, tome_order: bool = False, window_ids: Optional[Tensor] = None,
+                anchors: Optional[Tensor] = None, window_table: Optional[Tensor] = None,
                 quotas: Optional[Tensor] = None, quota_starts: Optional[Tensor] = None,
-                ) -> Tuple[Tensor, Tensor, Merge]:
+                ) -> Tuple[Tensor, Tensor, Merge, Optional[Tensor]]:
     """Match and merge one block's tokens with the Triton kernels.
 
     Args:
@@ -223,23 +236,49 @@ def fused_merge(x: Tensor, size: Optional[Tensor], metric: Tensor, r: int, num_p
             (``1 <= r <= N - num_prefix``).
         num_prefix: P, leading tokens that never merge.
         mode: :data:`GLOBAL` (ToMe's bipartite matching over the sequence), :data:`JOINT`
-            (windows given per image by ``window_ids`` (B, N - P); the best r proposals of
-            all windows), :data:`PAPER` (windows given by ``window_ids`` (N - P,), the same for
+            (each token's window is ``window_table[anchors]``: ``anchors`` (B, N - P) the
+            raster index of each patch token's anchor patch, ``window_table`` (H * W,) the
+            window of each patch; the best r proposals of all windows), :data:`PAPER` (windows given by ``window_ids`` (N - P,), the same for
             every image; window w merges ``quotas[w]`` of its best proposals; ``quota_starts``
             (W,) holds the exclusive prefix sums of ``quotas`` and ``r`` their sum) or
             :data:`PRUNE` (drop the r tokens of lowest norm).
         tome_order: with GLOBAL, ToMe's output order instead of sequence order.
 
     Returns:
-        ``(x, size, merge)``: (B, K, C) merged tokens in x's dtype, (B, K, 1) float32 sizes
-        and the :class:`~dsm_lite.merging.Merge` of the decisions (src and dst in the eager
-        engine's order; None for pruning), K = N - r.
+        ``(x, size, merge, anchors)``: (B, K, C) merged tokens in x's dtype, (B, K, 1)
+        float32 sizes, the :class:`~dsm_lite.merging.Merge` of the decisions (src and dst in
+        the eager engine's order; None for pruning), K = N - r, and for JOINT the survivors'
+        anchors (B, K - P) (``anchors.gather(1, keep[:, P:] - P)``), else None.
     """
     check_fused(x, metric)
     if not 1 <= r <= x.shape[1] - num_prefix:
         raise ValueError(f"fused_merge removes 1 to N - P = {x.shape[1] - num_prefix} tokens; got r={r}")
-    out, size_out, src, dst, keep = _op()(x, size, metric, window_ids, quotas, quota_starts,
-                                          r, num_prefix, mode, tome_order)
-    if mode == PRUNE:
-        return out, size_out, Merge(None, None, keep)
-    return out, size_out, Merge(src, dst, keep)
+    out, size_out, src, dst, keep, kept = _op()(x, size, metric, window_ids, anchors, window_table,
+                                                quotas, quota_starts, r, num_prefix, mode, tome_order)
+    merge = Merge(None, None, keep) if mode == PRUNE else Merge(src, dst, keep)
+    return out, size_out, merge, (kept if mode == JOINT else None)
+
+
+def eager_merge(x: Tensor, size: Optional[Tensor], metric: Tensor, r: int, num_prefix: int,
+                mode: int = GLOBAL, tome_order: bool = False, window_ids: Optional[Tensor] = None,
+                anchors: Optional[Tensor] = None, window_table: Optional[Tensor] = None,
+                quotas: Optional[Tensor] = None, quota_starts: Optional[Tensor] = None,
+                ) -> Tuple[Tensor, Tensor, Merge, Optional[Tensor]]:
+    """What the eager engine gives for :func:`fused_merge`'s arguments, in its return format:
+    the matching function of ``mode`` (:mod:`dsm_lite.merging`), then ``merge_wavg``. For
+    comparisons (tests, ``benchmarks/fused_exactness.py``); it reads window counts back to
+    the host, which :func:`fused_merge` never does."""
+    p, kept = num_prefix, None
+    if mode == GLOBAL:
+        merge = bipartite_soft_matching(metric, r, p, order="tome" if tome_order else "sequence")
+    elif mode == PRUNE:
+        merge = prune_lowest_norm(metric, r, p)
+    elif mode == PAPER:
+        capacity = int(window_ids.bincount().max())
+        merge = window_quota_matching(metric, window_ids, len(quotas), capacity, quotas.long(), r, p)
+    else:
+        capacity = int(window_table.bincount().max())
+        merge = window_soft_matching(metric, r, window_table.take(anchors), int(window_table.max()) + 1,
+                                     capacity, p)
+        kept = anchors.gather(1, merge.keep[:, p:] - p)
+    return (*merge_wavg(merge, x, size), merge, kept)

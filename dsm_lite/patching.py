@@ -97,7 +97,7 @@ class MergeState:
         if backend == "triton" and not fused.triton_available():
             raise fused.TritonUnavailableError(
                 "backend='triton' needs Triton, which did not import (it ships with CUDA builds "
-                "of torch; `pip install triton`); use backend='auto' or 'eager'")
+                "of torch; `pip install triton`), and torch 2.6 or later; use backend='auto' or 'eager'")
         self.backend = backend
         self.method = method
         self.options = options
@@ -217,11 +217,13 @@ class MergeState:
         fused.check_fused(x)
         return True
 
-    def merge_fused(self, index: int, x: Tensor, metric: Optional[Tensor]) -> Tuple[Tensor, Tensor, Merge]:
+    def merge_fused(self, index: int, x: Tensor, metric: Optional[Tensor]
+                    ) -> Tuple[Tensor, Tensor, Merge, Optional[Tensor]]:
         """Block ``index``'s matching and merge of x (B, N, C) in the fused Triton kernels.
 
-        Returns the merged tokens, their sizes and the :class:`Merge` (for source tracing and
-        anchors); the same decisions as :meth:`match` then ``merge_wavg``.
+        Returns the merged tokens, their sizes, the :class:`Merge` (for source tracing) and,
+        for joint windows, the survivors' anchors (else None); the same decisions as
+        :meth:`match` then ``merge_wavg``.
         """
         step = self.schedule.blocks[index]
         metric = self.feature(x, metric)
@@ -235,13 +237,13 @@ class MergeState:
             kw["quotas"], kw["quota_starts"] = self.quota_tensors(index, x.device)
         elif step.mode == "local":
             r, kw["mode"] = min(step.r, max((n - p - step.num_windows) // 2, 0)), fused.JOINT
-            kw["window_ids"] = self.prepared.window_table[index].take(self.anchors)
+            kw["anchors"], kw["window_table"] = self.anchors, self.prepared.window_table[index]
         else:
             r, kw["mode"] = min(step.r, max_reduction(n, p)), fused.GLOBAL
             kw["tome_order"] = self.method == "tome"
         if r <= 0:  # nothing to merge (a clamp at the end of a sequence): the eager identity
             merge = self.match(index, x, metric)
-            return (*merge_wavg(merge, x, self.size), merge)
+            return (*merge_wavg(merge, x, self.size), merge, None)
         return fused.fused_merge(x, self.size, metric, r, p, **kw)
 
     def quota_tensors(self, index: int, device: torch.device) -> Tuple[Tensor, Tensor]:
@@ -391,9 +393,9 @@ def _block_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
             metric = x  # the block input, before attention
     x = x + self.drop_path1(self.ls1(attn_out))
     if merging:
-        unmerged = x
-        if st.uses_triton(x):
-            x, size, merge = st.merge_fused(self._dsm_index, x, metric)
+        unmerged, anchors = x, None
+        if st.uses_triton(x):  # anchors: the kernel's own, for joint windows
+            x, size, merge, anchors = st.merge_fused(self._dsm_index, x, metric)
         else:
             merge = st.match(self._dsm_index, x, metric)
             x, size = merge_wavg(merge, x, st.size)
@@ -402,7 +404,7 @@ def _block_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
         if st.anchors is not None:
             if self._dsm_index <= st.prepared.last_anchor_block:
                 p = st.num_prefix
-                st.anchors = st.anchors.gather(1, merge.keep[:, p:] - p)
+                st.anchors = anchors if anchors is not None else st.anchors.gather(1, merge.keep[:, p:] - p)
             else:  # no local block reads them any more
                 st.anchors = None
         st.size = size

@@ -23,11 +23,15 @@ _SIDE, _BEST_B, _RANK, _SLOT, _ROW, _DST_ROW = 0, 1, 2, 3, 4, 5
 
 
 @triton.jit
-def _group(gid_ptr, gid_stride, b, i, N, P, MODE: tl.constexpr):
+def _group(gid_ptr, gid_stride, table_ptr, b, i, N, P, MODE: tl.constexpr):
     """Group (window) of tokens ``i``: 0 for every token in GLOBAL and PRUNE modes, -1 for
-    prefix and padding."""
+    prefix and padding. JOINT: ``gid_ptr`` holds each token's anchor patch and
+    ``table_ptr`` the window of each patch; PAPER: ``gid_ptr`` the window of each position."""
     valid = (i >= P) & (i < N)
-    if MODE == 1 or MODE == 2:
+    if MODE == 1:
+        anchor = tl.load(gid_ptr + b * gid_stride + (i - P), mask=valid, other=0)
+        g = tl.load(table_ptr + anchor, mask=valid, other=-1).to(tl.int32)
+    elif MODE == 2:
         g = tl.load(gid_ptr + b * gid_stride + (i - P), mask=valid, other=-1).to(tl.int32)
     else:
         g = tl.zeros(i.shape, tl.int32)
@@ -59,9 +63,9 @@ def _unit_rows(metric_ptr, s_mb, s_mn, s_mc, b, i, c, N, CM, norm):
 
 
 @triton.jit
-def match_kernel(metric_ptr, s_mb, s_mn, s_mc, gid_ptr, gid_stride, quota_ptr, qstart_ptr,
-                 scratch_ptr, best_ptr, src_ptr, dst_ptr, keep_ptr, start_ptr, count_ptr,
-                 order_ptr, N, CM, P, R, PLANE,
+def match_kernel(metric_ptr, s_mb, s_mn, s_mc, gid_ptr, gid_stride, table_ptr, quota_ptr,
+                 qstart_ptr, scratch_ptr, best_ptr, src_ptr, dst_ptr, keep_ptr, start_ptr,
+                 count_ptr, order_ptr, anchors_out_ptr, N, CM, P, R, PLANE,
                  MODE: tl.constexpr, TOME_ORDER: tl.constexpr, NP: tl.constexpr,
                  BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, STEP: tl.constexpr):
     # STEP 2 (ToMe's global matching): A tokens sit at even positions and B tokens at odd
@@ -84,12 +88,12 @@ def match_kernel(metric_ptr, s_mb, s_mn, s_mc, gid_ptr, gid_stride, quota_ptr, q
     # with one group (GLOBAL) that is the token's own parity. PRUNE: every patch token competes.
     for i0 in range(0, NP, BLOCK):
         i = i0 + offs
-        g = _group(gid_ptr, gid_stride, b, i, N, P, MODE)
+        g = _group(gid_ptr, gid_stride, table_ptr, b, i, N, P, MODE)
         if MODE == 1 or MODE == 2:
             rank = tl.zeros([BLOCK], tl.int32)
             for j0 in range(0, i0 + BLOCK, BLOCK):
                 j = j0 + offs
-                gj = _group(gid_ptr, gid_stride, b, j, N, P, MODE)
+                gj = _group(gid_ptr, gid_stride, table_ptr, b, j, N, P, MODE)
                 same = (gj[None, :] == g[:, None]) & (j[None, :] < i[:, None])
                 rank += tl.sum(same.to(tl.int32), axis=1)
             side = (rank + P) % 2
@@ -111,11 +115,11 @@ def match_kernel(metric_ptr, s_mb, s_mn, s_mc, gid_ptr, gid_stride, quota_ptr, q
         if MODE == 3:
             best = -norm_i
         else:
-            g = _group(gid_ptr, gid_stride, b, i, N, P, MODE)
+            g = _group(gid_ptr, gid_stride, table_ptr, b, i, N, P, MODE)
             for j0 in range(0, NP // STEP, BLOCK):
                 j = (j0 + offs) * STEP + (STEP - 1)
                 side_j = tl.load(side_p + j)
-                gj = _group(gid_ptr, gid_stride, b, j, N, P, MODE)
+                gj = _group(gid_ptr, gid_stride, table_ptr, b, j, N, P, MODE)
                 norm_j = _sq_norm(metric_ptr, s_mb, s_mn, s_mc, b, j, N, CM, BLOCK_C)
                 acc = tl.zeros([BLOCK, BLOCK], tl.float32)
                 for c0 in range(0, CM, BLOCK_C):
@@ -140,13 +144,13 @@ def match_kernel(metric_ptr, s_mb, s_mn, s_mc, gid_ptr, gid_stride, quota_ptr, q
         i = (i0 + offs) * STEP
         cand_i = tl.load(side_p + i) == 0
         v_i = tl.load(best_p + i)
-        g = _group(gid_ptr, gid_stride, b, i, N, P, MODE)
+        g = _group(gid_ptr, gid_stride, table_ptr, b, i, N, P, MODE)
         rank = tl.zeros([BLOCK], tl.int32)
         for j0 in range(0, NP // STEP, BLOCK):
             j = (j0 + offs) * STEP
             cand_j = tl.load(side_p + j) == 0
             v_j = tl.load(best_p + j)
-            gj = _group(gid_ptr, gid_stride, b, j, N, P, MODE)
+            gj = _group(gid_ptr, gid_stride, table_ptr, b, j, N, P, MODE)
             if MODE == 1:  # joint windows tie by (window, position): the eager slot order
                 first = (gj[None, :] < g[:, None]) | ((gj[None, :] == g[:, None]) & (j[None, :] < i[:, None]))
             else:
@@ -199,6 +203,10 @@ def match_kernel(metric_ptr, s_mb, s_mn, s_mc, gid_ptr, gid_stride, quota_ptr, q
             row = i - before
         tl.store(row_p + i, tl.where(kept, row, -1))
         tl.store(keep_ptr + b * K + row, i.to(tl.int64), mask=kept)
+        if MODE == 1:  # the survivors' anchors, for the next local block
+            patch = kept & (i >= P)
+            anchor = tl.load(gid_ptr + b * gid_stride + (i - P), mask=patch, other=0)
+            tl.store(anchors_out_ptr + b * (K - P) + (row - P), anchor, mask=patch)
     tl.debug_barrier()
 
     # phase 4a: the output row of each merged token's destination

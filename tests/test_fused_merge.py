@@ -50,25 +50,15 @@ def same_merge(got: merging.Merge, want: merging.Merge) -> None:
             assert torch.equal(getattr(got, name), w), name
 
 
-def both(x, size, metric, r, p, **kw):
-    """The fused result and the eager one for the same arguments."""
-    mode = kw.get("mode", GLOBAL)
-    if mode == GLOBAL:
-        want = merging.bipartite_soft_matching(metric, r, p, order="tome" if kw.get("tome_order") else "sequence")
-    elif mode == PRUNE:
-        want = merging.prune_lowest_norm(metric, r, p)
-    elif mode == PAPER:
-        want = merging.window_quota_matching(metric, kw["window_ids"], kw.pop("num_windows"),
-                                             kw.pop("capacity"), kw.pop("quota"), r, p)
-    else:
-        want = merging.window_soft_matching(metric, r, kw["window_ids"], kw.pop("num_windows"),
-                                            kw.pop("capacity"), p)
-    return fused_merge(x, size, metric, r, p, **kw), (want, *merging.merge_wavg(want, x, size))
-
-
 def check(x, size, metric, r, p, **kw):
-    (xo, so, got), (want, xe, se) = both(x, size, metric, r, p, **kw)
+    """fused_merge against the eager engine (fused_merge.eager_merge) for the same arguments:
+    the same index tensors, outputs and sizes to the bit, and the survivors' anchors."""
+    xo, so, got, anchors = fused_merge(x, size, metric, r, p, **kw)
+    xe, se, want, kept = fused.eager_merge(x, size, metric, r, p, **kw)
     same_merge(got, want)
+    assert (anchors is None) == (kept is None) == (kw.get("mode") != JOINT)
+    if kept is not None:  # the survivors' anchors, as the eager block gathers them
+        assert torch.equal(anchors, kept)
     assert xo.dtype == x.dtype and so.dtype == torch.float32
     assert torch.equal(xo, xe) and torch.equal(so, se)
 
@@ -97,7 +87,7 @@ def test_global_matching_is_the_eager_one(p, tome_order):
 def test_global_matching_matches_the_token_by_token_reference():
     """Against the independent pure-Python reference too (not only the eager engine)."""
     x, size, metric = tokens(b=1, p=1, m=48)
-    out, sz, _ = fused_merge(x, size, metric, 10, 1, mode=GLOBAL, tome_order=True)
+    out, sz, _, _ = fused_merge(x, size, metric, 10, 1, mode=GLOBAL, tome_order=True)
     ref_x, ref_size, _ = reference_tome_merge(x, metric, 10, 1, size=size)
     assert torch.allclose(out.double(), ref_x, atol=1e-5) and torch.equal(sz.double(), ref_size.double())
 
@@ -115,8 +105,7 @@ def test_paper_windows_are_the_eager_ones(p, window, quota):
         quotas = torch.tensor(per_window, dtype=torch.int32)
         check(x, size, metric, sum(per_window), p, mode=PAPER,
               window_ids=windows.square_window_ids(m, window), quotas=quotas,
-              quota_starts=quotas.cumsum(0, dtype=torch.int32) - quotas,
-              num_windows=layout.num_windows, capacity=window * window, quota=quota)
+              quota_starts=quotas.cumsum(0, dtype=torch.int32) - quotas)
 
 
 @needs_interpreter
@@ -128,12 +117,11 @@ def test_joint_windows_are_the_eager_ones(p, window):
     x, size, metric = tokens(b=3, p=p)
     g = torch.Generator().manual_seed(window)
     anchors = torch.stack([torch.randperm(196, generator=g) for _ in range(3)])
-    wid = windows.window_ids(anchors, (14, 14), window)
+    table = windows.window_ids(torch.arange(196)[None], (14, 14), window)[0]
     count = windows.num_windows((14, 14), window)
     w = count[0] * count[1]
     for r in (1, 20, (196 - w) // 2):
-        check(x, size, metric, r, p, mode=JOINT, window_ids=wid, num_windows=w,
-              capacity=window * window)
+        check(x, size, metric, r, p, mode=JOINT, anchors=anchors, window_table=table)
 
 
 @needs_interpreter
@@ -173,12 +161,11 @@ def test_exact_ties_break_as_in_the_eager_engine(mode):
         quotas = torch.tensor(windows.window_quotas(layout.counts, 3), dtype=torch.int32)
         check(x, size, metric, int(quotas.sum()), p, mode=PAPER,
               window_ids=windows.square_window_ids(m, 5), quotas=quotas,
-              quota_starts=quotas.cumsum(0, dtype=torch.int32) - quotas,
-              num_windows=layout.num_windows, capacity=25, quota=3)
+              quota_starts=quotas.cumsum(0, dtype=torch.int32) - quotas)
     else:
         anchors = torch.stack([torch.randperm(m, generator=g) for _ in range(b)])
-        check(x, size, metric, 40, p, mode=JOINT, window_ids=windows.window_ids(anchors, (14, 14), 4),
-              num_windows=16, capacity=16)
+        table = windows.window_ids(torch.arange(m)[None], (14, 14), 4)[0]
+        check(x, size, metric, 40, p, mode=JOINT, anchors=anchors, window_table=table)
 
 
 @needs_interpreter
@@ -270,6 +257,66 @@ def test_compiled_fullgraph_runs_the_kernels():
             got = compiled(images)
         assert torch.equal(got, want), method
     torch._dynamo.reset()
+    dsm_lite.unpatch(model)
+
+
+class KernelCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops that launch a kernel (not views, not allocations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        if not func.is_view and not name.startswith(("empty", "new_empty", "_unsafe_view")) \
+                and func.namespace != "dsm_lite":  # the op's own kernels are counted by launch
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("method,kw", [("tome", {}), ("dsm", dict(delay=1)),
+                                       ("spatial", dict(windows="joint", window=3)),
+                                       ("tome", dict(reduction="prune"))], ids=str)
+def test_a_merging_block_launches_two_kernels(method, kw, monkeypatch):
+    """Matching and merge of one block: the fused backend launches its two Triton kernels and
+    no aten kernel (at most 4 was the target); the eager engine launches dozens of ops. Joint
+    windows included: the kernel looks the windows up and carries the anchors itself."""
+    from dsm_lite import patching
+
+    launches = []
+    kernel_type = type(fused._kernels().match_kernel)
+    run = kernel_type.run
+    monkeypatch.setattr(kernel_type, "run", lambda self, *a, **k: launches.append(1) or run(self, *a, **k))
+    per_block = {"eager": [], "triton": []}
+
+    def counted(backend, fn):
+        def wrapper(*args, **kwargs):
+            launches.clear()
+            with KernelCount() as count:
+                out = fn(*args, **kwargs)
+            per_block[backend].append(len(count.ops) + len(launches))
+            return out
+        return wrapper
+
+    monkeypatch.setattr(patching.MergeState, "merge_fused", counted("triton", patching.MergeState.merge_fused))
+    model = small_vit()
+    for backend in ("eager", "triton"):
+        if backend == "eager":  # the eager path: matching, then the weighted merge
+            match, wavg = patching.MergeState.match, patching.merge_wavg
+            monkeypatch.setattr(patching.MergeState, "match", counted("eager", match))
+            monkeypatch.setattr(patching, "merge_wavg", counted("eager", wavg))
+        dsm_lite.patch(model, method, 4, backend=backend, **kw)
+        with torch.no_grad():
+            model(torch.randn(2, 3, 64, 64))
+        if backend == "eager":
+            monkeypatch.setattr(patching.MergeState, "match", match)
+            monkeypatch.setattr(patching, "merge_wavg", wavg)
+    blocks = sum(b.r > 0 for b in dsm_lite.schedule(model).blocks)
+    assert per_block["triton"] == [2] * blocks, per_block
+    eager = [a + b for a, b in zip(per_block["eager"][::2], per_block["eager"][1::2])]
+    assert len(eager) == blocks and min(eager) >= 10, per_block
     dsm_lite.unpatch(model)
 
 

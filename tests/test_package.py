@@ -21,6 +21,8 @@ ALLOWED_NESTED = {
     ("schedules", "to_frame", "import pandas as pd"),           # `import dsm_lite` without pandas
     ("models", "_is_network_error",                             # older huggingface_hub lacks it
      "from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled"),
+    ("fused_merge", "_kernels", "from . import triton_kernels as k"),  # Triton is optional
+    ("fused_merge", "_fused_merge_impl", "from torch.library import wrap_triton"),  # torch >= 2.6
 }
 
 
