@@ -14,7 +14,7 @@
 
 Files come from ``$DSM_LITE_ASSETS`` when set, else they are downloaded (only those needed,
 16 at a time, with one progress bar) and sha256-checked into ``$DSM_LITE_CACHE`` (see
-:mod:`dsm_lite._assets`).
+:mod:`dsm_lite.assets`).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from ._assets import AssetNotFoundError, assets_dir, fetch, fetch_many, manifest
+from .assets import AssetNotFoundError, assets_dir, fetch, fetch_many, manifest
 from .models import DEFAULT_MODEL
 
 __all__ = ["DATASETS", "UNSEEN", "ImageSet", "CorruptImageError", "load_images", "load_photos", "load_photo", "ilsvrc_val_files",

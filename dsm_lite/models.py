@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from ._assets import AssetNotFoundError, ChecksumError, OfflineError, assets_dir, assets_sums, manifest, sha256_file
+from .assets import AssetNotFoundError, ChecksumError, OfflineError, assets_dir, assets_sums, manifest, sha256_file
 from .devices import DeviceUnavailableError, check_available, model_device, to_model
 from .numerics import widen
 

@@ -60,7 +60,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ._assets import atomic_write
+from .assets import atomic_write
 from .data import load_photos
 from .evaluation import dense_logits, per_image_metrics
 from .models import load_model, predict, weights_fingerprint

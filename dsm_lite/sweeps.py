@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import stats
-from ._assets import atomic_write, cache_dir
+from .assets import atomic_write, cache_dir
 from .data import data_config
 from .devices import model_device
 from .evaluation import PER_PHOTO, EvalResult, dense_logits, per_image_metrics, repatch
@@ -131,7 +131,7 @@ def _context(model: nn.Module, images, labels, batch_size: int) -> Dict[str, Any
 
 
 def _save_npz(path: Path, arrays: Dict[str, np.ndarray], meta: str) -> None:
-    """Write atomically (:func:`~dsm_lite._assets.atomic_write`)."""
+    """Write atomically (:func:`~dsm_lite.assets.atomic_write`)."""
     with atomic_write(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, __meta__=np.array(meta), **arrays)
 

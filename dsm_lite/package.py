@@ -17,11 +17,11 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 GROUPS = {
     **dict.fromkeys(("merging", "windows", "schedules", "patching", "measure", "devices", "numerics"),
                     "engine: merging, schedules, cost"),
-    **dict.fromkeys(("models", "data", "_assets"), "models and photos"),
+    **dict.fromkeys(("models", "data", "assets"), "models and photos"),
     **dict.fromkeys(("evaluation", "sweeps", "store", "stats", "compare", "claims", "probes", "grid"),
                     "analysis"),
     **dict.fromkeys(("plots", "matching_steps"), "figures"),
-    "_package": "this map",
+    "package": "this map",
 }
 
 
@@ -30,7 +30,7 @@ def _tree(module: str) -> ast.Module:
 
 
 def modules() -> List[str]:
-    """The package's modules (private ones included, ``__init__`` excluded), sorted."""
+    """The package's modules (``__init__`` excluded), sorted."""
     return sorted(p.stem for p in PACKAGE_DIR.glob("*.py") if p.stem != "__init__")
 
 
