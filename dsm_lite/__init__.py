@@ -19,7 +19,8 @@ from .merging import (Merge, bipartite_soft_matching, merge_source, merge_wavg, 
 from .schedules import BlockPlan, ModelShape, Schedule, closest_macs, default_delay, delayed_tome_r, parse_r
 from .patching import attention_bias, is_patched, patch, schedule, trace_sources, trace_sources_per_block, unpatch
 from .measure import Throughput, count_macs, interleaved_throughput, measure_throughput, time_breakdown
-from .models import DEFAULT_MODEL, book_dtype, load_model, pick_device, predict, topk_accuracy, weights_fingerprint
+from .assets import DEFAULT_MODEL
+from .models import book_dtype, load_model, pick_device, predict, topk_accuracy, weights_fingerprint
 from .data import ImageSet, data_config, load_images, load_photo
 from .numerics import book_numerics
 

@@ -17,7 +17,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 GROUPS = {
     **dict.fromkeys(("merging", "windows", "schedules", "patching", "measure", "devices", "numerics"),
                     "engine: merging, schedules, cost"),
-    **dict.fromkeys(("models", "data", "assets"), "models and photos"),
+    **dict.fromkeys(("models", "data", "assets", "progress"), "models and photos"),
     **dict.fromkeys(("evaluation", "sweeps", "store", "stats", "compare", "claims", "probes", "grid"),
                     "analysis"),
     **dict.fromkeys(("plots", "matching_steps"), "figures"),

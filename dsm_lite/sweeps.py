@@ -28,12 +28,13 @@ from torch import Tensor, nn
 
 from . import stats
 from .assets import atomic_write, cache_dir
-from .data import data_config
+from .data import data_config, image_tensor
 from .devices import model_device
 from .evaluation import PER_PHOTO, EvalResult, dense_logits, per_image_metrics, repatch
 from .measure import interleaved_throughput
-from .models import image_tensor, predict, progress_bar, weights_fingerprint
+from .models import predict, weights_fingerprint
 from .numerics import widen
+from .progress import progress_bar
 from .patching import patch, patch_settings, unpatch
 from .patching import schedule as make_schedule
 from .store import store_key
