@@ -2,8 +2,8 @@
 
 The engine is imported here; ``dsm_lite.__all__`` lists it. The book's analysis lives in
 namespaced modules, loaded on first use: :mod:`dsm_lite.evaluation` (models on photos),
-:mod:`dsm_lite.sweeps` (many configs, cached), :mod:`dsm_lite.store` (stored per-photo
-results), :mod:`dsm_lite.stats` (intervals, tests, verdicts), :mod:`dsm_lite.compare` (methods at
+:mod:`dsm_lite.sweeps` (many configs, cached), :mod:`dsm_lite.store_format` (stored
+per-photo results) and :mod:`dsm_lite.store` (their checks), :mod:`dsm_lite.stats` (intervals, tests, verdicts), :mod:`dsm_lite.compare` (methods at
 equal GMACs), :mod:`dsm_lite.claims` (the paper's claims, judged), :mod:`dsm_lite.probes`
 (hooks and token statistics), :mod:`dsm_lite.grid` (the patch grid), :mod:`dsm_lite.plots`
 and :mod:`dsm_lite.matching_steps` (figures).

@@ -32,6 +32,10 @@ def test_import_graph_is_acyclic_with_imports_at_the_top():
     engine = {m for m, g in package.GROUPS.items() if g.startswith("engine")}
     analysis = {m for m, g in package.GROUPS.items() if g in ("analysis", "figures")}
     assert all(not (graph[m] & analysis) for m in engine)
+    # the results store's file format sits low (it needs only the atomic write), under the sweeps
+    # and the store's checks; the photos need no model
+    assert graph["store_format"] <= {"assets"} and "store_format" in graph["sweeps"] & graph["store"]
+    assert "models" not in graph["data"]
     assert set(package.nested_imports()) <= ALLOWED_NESTED
 
 
