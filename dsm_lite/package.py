@@ -18,7 +18,7 @@ GROUPS = {
     **dict.fromkeys(("merging", "windows", "schedules", "patching", "measure", "devices", "numerics"),
                     "engine: merging, schedules, cost"),
     **dict.fromkeys(("models", "data", "assets", "progress"), "models and photos"),
-    **dict.fromkeys(("evaluation", "sweeps", "store", "store_format", "stats", "compare", "claims", "probes", "grid"),
+    **dict.fromkeys(("evaluation", "sweeps", "store", "store_format", "stats", "compare", "claims", "probes"),
                     "analysis"),
     **dict.fromkeys(("plots", "matching_steps"), "figures"),
     "package": "this map",
