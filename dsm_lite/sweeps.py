@@ -31,7 +31,7 @@ from . import stats
 from .assets import atomic_write, cache_dir
 from .data import data_config, image_tensor
 from .devices import model_device
-from .evaluation import PER_PHOTO, EvalResult, dense_logits, per_image_metrics, repatch
+from .evaluation import METRIC_FIELDS, EvalResult, dense_logits, per_image_metrics, repatch
 from .measure import interleaved_throughput
 from .models import predict, weights_fingerprint
 from .numerics import widen
@@ -48,7 +48,7 @@ CACHE_FORMAT = 2
 _NON_RESULT_OPTIONS = ("trace_source",)
 
 
-def _per_photo(x) -> np.ndarray:
+def _float_vector(x) -> np.ndarray:
     """(N,) float64 per-photo values (bools as 0/1) of a non-empty 1-D array or tensor."""
     x = np.asarray(x, dtype=float)
     if x.ndim != 1 or len(x) == 0:
@@ -153,7 +153,8 @@ def _load_npz(path: Path, meta: str, n: int) -> Optional[Dict[str, np.ndarray]]:
 
 
 # --------------------------------------------------------------------------- sweep
-METRIC_COLUMNS = ("top1", "top5", "agreement", "kl")
+#: the per-photo metrics a sweep reports, each with a bootstrap interval (:data:`dsm_lite.evaluation.METRIC_FIELDS`)
+METRIC_COLUMNS = tuple(METRIC_FIELDS)
 
 
 def sweep(model: nn.Module, images, configs: Sequence[Dict[str, Any]],
@@ -430,11 +431,11 @@ def _row(config, cfg, sched, result: EvalResult, cached: bool, n_boot: int, seed
     row["gmacs"] = sched.macs / 1e9
     row["tokens_out"] = sched.tokens[-1]
     row["n"] = len(result)
-    for name, field in PER_PHOTO.items():
-        ci = stats.bootstrap_ci(_per_photo(getattr(result, field)), n_boot, seed)
+    for name in METRIC_COLUMNS:
+        ci = stats.bootstrap_ci(_float_vector(result.per_photo(name)), n_boot, seed)
         row[name], row[f"{name}_lo"], row[f"{name}_hi"] = ci.estimate, ci.lo, ci.hi
     if dense_correct is not None:
-        d = stats.paired_bootstrap(_per_photo(result.correct1), _per_photo(dense_correct), n_boot, seed)
+        d = stats.paired_bootstrap(_float_vector(result.correct1), _float_vector(dense_correct), n_boot, seed)
         row["d_top1"], row["d_top1_lo"], row["d_top1_hi"] = d.estimate, d.lo, d.hi
     row["cached"] = cached
     row["result"] = result
