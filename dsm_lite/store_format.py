@@ -1,4 +1,4 @@
-"""The results store's file: per-photo results in one ``.npz``, their keys, and the store that reads and writes them.
+"""The results store's file: per-photo results in one .npz file, their keys, and the store that reads and writes them.
 
 The book's chapters 3-5 evaluate about a hundred merging configs on every photo of the training
 sets (1000 + 3925) and about sixty on the unseen ILSVRC2012 validation photos (1299); chapter 0
