@@ -15,7 +15,7 @@ from jupyter_client.manager import start_new_kernel
 # and the stored sweep results (package data) must have come with it: chapters 3-5 read them
 CHECK = (f"import dsm_lite, sys\nassert sys.prefix == {sys.prefix!r}, sys.prefix\n"
          "assert 'site-packages' in dsm_lite.__file__, 'dsm_lite imported from the checkout'\n"
-         "from dsm_lite.store import BOOK_STORE, ResultStore\n"
+         "from dsm_lite.store_format import BOOK_STORE, ResultStore\n"
          "assert 'site-packages' in str(BOOK_STORE) and len(ResultStore(BOOK_STORE)) > 0, BOOK_STORE")
 
 

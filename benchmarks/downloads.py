@@ -3,7 +3,7 @@
 The photos are served from an offline assets folder by the loopback-only test server
 (``tests/faulty_server.py``, run in its own process) that drops a share of requests (half closed
 without an answer, half HTTP 503), cuts some bodies short and delays some, and fetched with
-``dsm_lite._assets.fetch_many`` (retries, sha256 checks, atomic writes) into a fresh temporary
+``dsm_lite.assets.fetch_many`` (retries, sha256 checks, atomic writes) into a fresh temporary
 cache outside the repository, once per concurrency. Each run is followed by a second call,
 which must find everything cached (no request; it only re-hashes the files).
 
@@ -30,7 +30,7 @@ from typing import Dict
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from dsm_lite import _assets  # noqa: E402
+from dsm_lite.assets import BACKOFF_MAX_S, BACKOFF_S, TRIES, fetch_many, manifest  # noqa: E402
 
 
 def machine() -> str:
@@ -58,12 +58,12 @@ def run(files: Dict[str, str], assets: Path, workers: int, args, label: str) -> 
     try:
         url = server.stdout.readline().strip()
         t0 = time.perf_counter()
-        _assets.fetch_many(files, base_url=url, workers=workers, progress=args.progress)
+        fetch_many(files, base_url=url, workers=workers, progress=args.progress)
         wall = time.perf_counter() - t0
         first = stats(url)
         stats(url, "__reset__")
         t0 = time.perf_counter()
-        _assets.fetch_many(files, base_url=url, workers=workers, progress=args.progress)
+        fetch_many(files, base_url=url, workers=workers, progress=args.progress)
         rerun = time.perf_counter() - t0
         assert stats(url)["requests"] == 0, "a cached file was downloaded again"
         size = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
@@ -100,7 +100,7 @@ def main() -> None:
     if (REPO.resolve() in Path(args.tmp).resolve().parents) or Path(args.tmp).resolve() == REPO.resolve():
         sys.exit("--tmp must be outside the repository")
 
-    files = {**_assets.manifest("imagenet-sample"), **_assets.manifest("imagenette-val")}
+    files = {**manifest("imagenet-sample"), **manifest("imagenette-val")}
     print(f"# dsm_lite downloads through a faulty loopback server ({time.strftime('%Y-%m-%d')})")
     print(f"# machine: {machine()}")
     print(f"# {len(files)} photos, {sum((args.assets / r).stat().st_size for r in files) / 1e6:.0f} MB, from "
@@ -108,8 +108,8 @@ def main() -> None:
     print(f"# faults: {args.drop:.0%} of requests dropped (half closed without answer, half HTTP 503), "
           f"{args.truncate:.0%} of bodies cut to half, {args.delay_frac:.0%} delayed {args.delay * 1000:.0f} ms, "
           f"every request +{args.latency * 1000:.0f} ms; drawn per request (seed {args.seed})")
-    print(f"# retry policy: {_assets.TRIES} tries, backoff {_assets.BACKOFF_S} s doubling "
-          f"(x U[0.5, 1] jitter, cap {_assets.BACKOFF_MAX_S} s)")
+    print(f"# retry policy: {TRIES} tries, backoff {BACKOFF_S} s doubling "
+          f"(x U[0.5, 1] jitter, cap {BACKOFF_MAX_S} s)")
     print("# wall: first call, empty cache; requests - files = retried attempts; max in: most requests "
           "open at the server at once (a worker's next request can arrive before the server thread of its "
           "last one has returned, hence 2 with 1 worker); cached: second call (all files re-hashed, no request)")

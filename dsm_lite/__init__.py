@@ -2,11 +2,12 @@
 
 The engine is imported here; ``dsm_lite.__all__`` lists it. The book's analysis lives in
 namespaced modules, loaded on first use: :mod:`dsm_lite.evaluation` (models on photos),
-:mod:`dsm_lite.sweeps` (many configs, cached), :mod:`dsm_lite.store` (stored per-photo
-results), :mod:`dsm_lite.stats` (intervals, tests, verdicts), :mod:`dsm_lite.compare` (methods at
-equal GMACs), :mod:`dsm_lite.claims` (the paper's claims, judged), :mod:`dsm_lite.probes`
-(hooks and token statistics), :mod:`dsm_lite.grid` (the patch grid), :mod:`dsm_lite.plots`
-and :mod:`dsm_lite.matching_steps` (figures).
+:mod:`dsm_lite.sweeps` (many configs, cached), :mod:`dsm_lite.store_format` (stored per-photo
+results) and :mod:`dsm_lite.store` (their checks), :mod:`dsm_lite.stats` (intervals, tests,
+verdicts), :mod:`dsm_lite.compare` (methods at equal GMACs), :mod:`dsm_lite.claims` (the paper's
+claims, judged), :mod:`dsm_lite.probes` (hooks and token statistics), :mod:`dsm_lite.plots` and
+:mod:`dsm_lite.matching_steps` (figures). The patch grid, its windows and the merged groups on it
+are :mod:`dsm_lite.windows`'s.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from .merging import (Merge, bipartite_soft_matching, merge_source, merge_wavg, 
 from .schedules import BlockPlan, ModelShape, Schedule, closest_macs, default_delay, delayed_tome_r, parse_r
 from .patching import attention_bias, is_patched, patch, schedule, trace_sources, trace_sources_per_block, unpatch
 from .measure import Throughput, count_macs, interleaved_throughput, measure_throughput, time_breakdown
-from .models import DEFAULT_MODEL, book_dtype, load_model, pick_device, predict, topk_accuracy, weights_fingerprint
+from .assets import DEFAULT_MODEL
+from .models import book_dtype, load_model, pick_device, predict, topk_accuracy, weights_fingerprint
 from .data import ImageSet, data_config, load_images, load_photo
 from .numerics import book_numerics
 
@@ -41,9 +43,9 @@ __all__ = [
     "DeviceMismatchError", "DeviceUnavailableError",
 ]
 
-_SUBMODULES = ("claims", "compare", "data", "devices", "evaluation", "grid", "matching_steps", "measure",
-               "merging", "models", "numerics", "patching", "plots", "probes", "schedules", "stats",
-               "store", "sweeps", "windows")
+_SUBMODULES = ("assets", "claims", "compare", "data", "devices", "evaluation", "matching_steps", "measure",
+               "merging", "models", "numerics", "package", "patching", "plots", "probes", "progress", "schedules",
+               "stats", "store", "store_format", "sweeps", "windows")
 
 
 def __getattr__(name: str) -> Any:

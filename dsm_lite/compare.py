@@ -29,21 +29,14 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from .evaluation import PER_PHOTO, EvalResult
+from .evaluation import EvalResult
 from .stats import bootstrap_indices, holm, paired_bootstrap, paired_pvalue
 
-__all__ = ["per_photo", "curve", "at_gmacs", "pooled", "equal_gmacs", "matched_differences",
+__all__ = ["curve", "at_gmacs", "pooled", "equal_gmacs", "matched_differences",
            "paired_columns", "vs", "saved_within", "saved_within_ci", "saved_difference_ci",
            "merge_vs_prune", "by_delay", "read_throughput_table"]
 
 Sweeps = Mapping[str, pd.DataFrame]
-
-
-def per_photo(result: EvalResult, metric: str) -> np.ndarray:
-    """(N,) per-photo values of the sweep column ``metric`` (``top1`` -> ``result.correct1``, ...)."""
-    if metric not in PER_PHOTO:
-        raise ValueError(f"metric must be one of {sorted(PER_PHOTO)}, got {metric!r}")
-    return getattr(result, PER_PHOTO[metric])
 
 
 def curve(df: pd.DataFrame, label: str) -> pd.DataFrame:
@@ -70,7 +63,7 @@ def at_gmacs(pts: pd.DataFrame, g: float, metric: str) -> Optional[np.ndarray]:
     i = int(np.clip(np.searchsorted(x, g), 1, len(x) - 1))
     a, b = pts.iloc[i - 1], pts.iloc[i]
     w = (g - a.gmacs) / (b.gmacs - a.gmacs)
-    return (1 - w) * per_photo(a.result, metric) + w * per_photo(b.result, metric)
+    return (1 - w) * a.result.per_photo(metric) + w * b.result.per_photo(metric)
 
 
 def pooled(sweeps: Sweeps, label: str, metric: str, *, g: Optional[float] = None,
@@ -93,7 +86,7 @@ def pooled(sweeps: Sweeps, label: str, metric: str, *, g: Optional[float] = None
             rows = df[(df.label == label) & (df.r == r)]
             if rows.empty:
                 raise KeyError(f"no row with label {label!r} and r = {r}")
-            out.append(per_photo(rows.iloc[0].result, metric))
+            out.append(rows.iloc[0].result.per_photo(metric))
         else:
             out.append(at_gmacs(curve(df, label), g, metric))
     return None if any(o is None for o in out) else np.concatenate(out).astype(float)
@@ -178,7 +171,7 @@ def paired_columns(a: EvalResult, b: EvalResult, metrics: Sequence[str] = ("top1
     """
     out: Dict[str, float] = {}
     for m in metrics:
-        d = paired_bootstrap(per_photo(a, m), per_photo(b, m), n_boot, seed)
+        d = paired_bootstrap(a.per_photo(m), b.per_photo(m), n_boot, seed)
         out.update({f"d_{m}": d.estimate * scale, f"d_{m}_lo": d.lo * scale, f"d_{m}_hi": d.hi * scale})
     return out
 

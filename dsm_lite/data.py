@@ -14,7 +14,7 @@
 
 Files come from ``$DSM_LITE_ASSETS`` when set, else they are downloaded (only those needed,
 16 at a time, with one progress bar) and sha256-checked into ``$DSM_LITE_CACHE`` (see
-:mod:`dsm_lite._assets`).
+:mod:`dsm_lite.assets`).
 """
 from __future__ import annotations
 
@@ -30,11 +30,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from ._assets import AssetNotFoundError, assets_dir, fetch, fetch_many, manifest
-from .models import DEFAULT_MODEL
+from .assets import DEFAULT_MODEL, AssetNotFoundError, assets_dir, fetch, fetch_many, manifest
 
 __all__ = ["DATASETS", "UNSEEN", "ImageSet", "CorruptImageError", "load_images", "load_photos", "load_photo", "ilsvrc_val_files",
-           "list_files", "class_names", "data_config"]
+           "list_files", "class_names", "data_config", "image_tensor"]
 
 DATASETS = ("imagenet-sample", "imagenette-val", "ilsvrc2012-val")
 #: the one set of photos no ImageNet-1k model trained on
@@ -170,6 +169,11 @@ def data_config(model: Union[nn.Module, Dict[str, Any], str, None] = None) -> Di
         return timm.data.resolve_model_data_config(model)
     cfg = timm.models.get_pretrained_cfg(model or DEFAULT_MODEL)
     return timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict())
+
+
+def image_tensor(images) -> torch.Tensor:
+    """The (N, 3, H, W) tensor of an ``ImageSet`` (its ``images``) or of a bare tensor."""
+    return images.images if hasattr(images, "images") else images
 
 
 def _asset_path(root: Path, rel: str) -> Path:

@@ -27,11 +27,11 @@ from .models import predict
 from .numerics import widen
 from .patching import patch, patch_settings, unpatch
 
-__all__ = ["EvalResult", "PER_PHOTO", "evaluate", "dense_logits", "per_image_metrics", "predict_among",
+__all__ = ["EvalResult", "METRIC_FIELDS", "evaluate", "dense_logits", "per_image_metrics", "predict_among",
            "repatch"]
 
-#: sweep column -> the :class:`EvalResult` field holding its per-photo values
-PER_PHOTO = {"top1": "correct1", "top5": "correct5", "agreement": "agree", "kl": "kl"}
+#: sweep column -> the :class:`EvalResult` field holding its per-photo values (:meth:`EvalResult.per_photo`)
+METRIC_FIELDS = {"top1": "correct1", "top5": "correct5", "agreement": "agree", "kl": "kl"}
 
 
 # --------------------------------------------------------------------------- results
@@ -80,6 +80,13 @@ class EvalResult:
     def mean_kl(self) -> float:
         """Mean KL(dense || model) over photos, nats."""
         return float(self.kl.mean())
+
+    def per_photo(self, metric: str) -> np.ndarray:
+        """(N,) per-photo values of the sweep column ``metric`` (``top1`` -> :attr:`correct1`, ...:
+        :data:`METRIC_FIELDS`)."""
+        if metric not in METRIC_FIELDS:
+            raise ValueError(f"metric must be one of {sorted(METRIC_FIELDS)}, got {metric!r}")
+        return getattr(self, METRIC_FIELDS[metric])
 
     def summary(self) -> Dict[str, float]:
         return dict(n=len(self), top1=self.top1_acc, top5=self.top5_acc,

@@ -2,26 +2,24 @@
 from __future__ import annotations
 
 import hashlib
-import sys
 from typing import Optional, Sequence, Union
 
 import timm
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from tqdm import tqdm
 
-from ._assets import AssetNotFoundError, ChecksumError, OfflineError, assets_dir, assets_sums, manifest, sha256_file
+from .assets import (DEFAULT_MODEL, AssetNotFoundError, ChecksumError, OfflineError, assets_dir, assets_sums, manifest,
+                     sha256_file)
+from .data import image_tensor
 from .devices import DeviceUnavailableError, check_available, model_device, to_model
 from .numerics import widen
+from .progress import progress_bar
 
 __all__ = [
     "DEFAULT_MODEL", "UnknownModelError", "NotAViTError", "DeviceUnavailableError",
-    "pick_device", "load_model", "book_dtype", "weights_fingerprint", "predict", "topk_accuracy", "image_tensor",
-    "progress_bar",
+    "pick_device", "load_model", "book_dtype", "weights_fingerprint", "predict", "topk_accuracy",
 ]
-
-DEFAULT_MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 
 
 class UnknownModelError(ValueError):
@@ -175,16 +173,6 @@ def weights_fingerprint(model: nn.Module) -> str:
         h.update(f"{key}:{tuple(t.shape)};".encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()[:12]
-
-
-def image_tensor(images) -> torch.Tensor:
-    """The (N, 3, H, W) tensor of an ``ImageSet`` (its ``images``) or of a bare tensor."""
-    return images.images if hasattr(images, "images") else images
-
-
-def progress_bar(total: int, desc: str, progress: bool) -> tqdm:
-    """A tqdm bar over ``total`` images on stderr, silent unless ``progress``."""
-    return tqdm(total=total, desc=desc, disable=not progress, leave=False, file=sys.stderr, unit="img")
 
 
 @torch.no_grad()

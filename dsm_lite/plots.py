@@ -536,7 +536,7 @@ def draw_import_graph(ax, graph: Dict[str, Any], layers: Dict[str, int],
 
     Args:
         graph: ``{module: modules it imports}``.
-        layers: ``{module: layer}`` (``dsm_lite._package.layers``).
+        layers: ``{module: layer}`` (``dsm_lite.package.layers``).
         groups: ``{module: group name}`` for the colours and the legend (default: one group).
         colors: ``{group name: colour}``.
     Returns the axes.

@@ -3,10 +3,11 @@
 - :func:`sweep`: one row per config (method, r, options) with GMACs, accuracy, agreement and
   KL, each with a bootstrap interval over photos, and the per-photo :class:`EvalResult`.
 - :func:`summary_table`: those rows for reading, one unit per column.
-- The disk cache (:func:`sweep_cache_dir`): per-config, per-photo results keyed by
-  everything that could change them (:func:`config_key`).
-- The results store (:mod:`dsm_lite.store`): the book's per-photo results, read instead of
+- The results store (:mod:`dsm_lite.store_format`): the book's per-photo results, read instead of
   running the model when the photos, weights and config match exactly.
+- The disk cache (:func:`sweep_cache_dir`): per-config, per-photo results of this machine,
+  keyed by the store's key (:func:`dsm_lite.store_format.result_key`) on a context that adds
+  everything else that could change them (dsm_lite's source, versions, device, batch size).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import os
 import zipfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -27,27 +28,28 @@ import torch
 from torch import Tensor, nn
 
 from . import stats
-from ._assets import atomic_write, cache_dir
-from .data import data_config
+from .assets import atomic_write, cache_dir
+from .data import data_config, image_tensor
 from .devices import model_device
-from .evaluation import PER_PHOTO, EvalResult, dense_logits, per_image_metrics, repatch
+from .evaluation import METRIC_FIELDS, EvalResult, dense_logits, per_image_metrics, repatch
 from .measure import interleaved_throughput
-from .models import image_tensor, predict, progress_bar, weights_fingerprint
+from .models import predict, weights_fingerprint
 from .numerics import widen
+from .progress import progress_bar
 from .patching import patch, patch_settings, unpatch
 from .patching import schedule as make_schedule
-from .store import store_key
+from .store_format import key_blob, result_key
 
-__all__ = ["sweep", "summary_table", "sweep_cache_dir", "code_hash", "images_hash", "config_key",
-           "METRIC_COLUMNS"]
+__all__ = ["sweep", "summary_table", "sweep_cache_dir", "code_hash", "images_hash", "METRIC_COLUMNS"]
 
-CACHE_FORMAT = 1
+#: 2: files named by :func:`~dsm_lite.store_format.result_key`, the store's key
+CACHE_FORMAT = 2
 #: patch() options left out of cache keys: they do not change a forward pass's outputs, or
 #: (backend) only at float32 rounding, the merge decisions being the same.
 _NON_RESULT_OPTIONS = ("trace_source", "backend")
 
 
-def _per_photo(x) -> np.ndarray:
+def _float_vector(x) -> np.ndarray:
     """(N,) float64 per-photo values (bools as 0/1) of a non-empty 1-D array or tensor."""
     x = np.asarray(x, dtype=float)
     if x.ndim != 1 or len(x) == 0:
@@ -115,24 +117,22 @@ def _jsonable(v):
     return v
 
 
-def config_key(config: Dict[str, Any], context: Dict[str, Any]) -> str:
-    """Cache file stem for one config: sha256 of the canonical JSON of config + context."""
-    blob = json.dumps({"config": _jsonable(_normalise_config(config)), **context},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+def _model_context(model: nn.Module) -> Dict[str, str]:
+    """What the store's and the cache's keys both say of the model: weights, class and dtype."""
+    return dict(weights=weights_fingerprint(model), model_class=type(model).__name__.replace("Merging", "", 1),
+                dtype=str(next(model.parameters()).dtype))
 
 
-def _context(model: nn.Module, images, labels, batch_size: int) -> Dict[str, Any]:
-    param = next(model.parameters())
-    return dict(format=CACHE_FORMAT, weights=weights_fingerprint(model),
-                model_class=type(model).__name__.replace("Merging", "", 1),
-                images=images_hash(images, labels), code=code_hash(), torch=torch.__version__,
-                timm=timm.__version__, device=param.device.type, dtype=str(param.dtype),
+def _cache_context(model: nn.Module, images, labels, batch_size: int) -> Dict[str, Any]:
+    """The cache's key context: the model's, the photos' pixels and labels, and what the store
+    leaves out because :func:`dsm_lite.store.verify` checks it (source, versions, device, batch)."""
+    return dict(_model_context(model), format=CACHE_FORMAT, images=images_hash(images, labels), code=code_hash(),
+                torch=torch.__version__, timm=timm.__version__, device=next(model.parameters()).device.type,
                 batch_size=batch_size)
 
 
 def _save_npz(path: Path, arrays: Dict[str, np.ndarray], meta: str) -> None:
-    """Write atomically (:func:`~dsm_lite._assets.atomic_write`)."""
+    """Write atomically (:func:`~dsm_lite.assets.atomic_write`)."""
     with atomic_write(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, __meta__=np.array(meta), **arrays)
 
@@ -153,26 +153,15 @@ def _load_npz(path: Path, meta: str, n: int) -> Optional[Dict[str, np.ndarray]]:
     return arrays
 
 
-
 # --------------------------------------------------------------------------- sweep
-METRIC_COLUMNS = ("top1", "top5", "agreement", "kl")
+#: the per-photo metrics a sweep reports, each with a bootstrap interval (:data:`dsm_lite.evaluation.METRIC_FIELDS`)
+METRIC_COLUMNS = tuple(METRIC_FIELDS)
 
 
-def sweep(
-    model: nn.Module,
-    images,
-    configs: Sequence[Dict[str, Any]],
-    cache_dir: Union[str, os.PathLike, None, bool] = None,
-    dense: Optional[Tensor] = None,
-    labels: Optional[Tensor] = None,
-    batch_size: int = 64,
-    progress: bool = True,
-    n_boot: int = 2000,
-    seed: int = 0,
-    throughput: Union[bool, Dict[str, Any]] = False,
-    keep_logits: bool = False,
-    store=None,
-):
+def sweep(model: nn.Module, images, configs: Sequence[Dict[str, Any]],
+          cache_dir: Union[str, os.PathLike, None, bool] = None, dense: Optional[Tensor] = None,
+          labels: Optional[Tensor] = None, batch_size: int = 64, progress: bool = True, n_boot: int = 2000,
+          seed: int = 0, throughput: Union[bool, Dict[str, Any]] = False, keep_logits: bool = False, store=None):
     """Evaluate many merging configs on one photo set; a tidy DataFrame, one row per config.
 
     Args:
@@ -181,13 +170,10 @@ def sweep(
         configs: dicts of ``method`` (default "tome"), ``r`` and any ``dsm_lite.patch`` option,
             e.g. ``dict(method="dsm", r=16, delay=2)``; an optional ``label`` names the curve.
         cache_dir: where per-config, per-photo results are cached (default
-            :func:`sweep_cache_dir`); ``False`` disables the cache. A cache entry is keyed by
-            the weights fingerprint, the image bytes and labels, the full config (defaults
-            filled in), the dense logits, the hash of dsm_lite's source, the torch and timm
-            versions, device type, dtype and batch size; files are written atomically and
+            :func:`sweep_cache_dir`); ``False`` disables the cache. An entry is keyed by everything
+            that could change it (see the module's notes); files are written atomically and
             unreadable or mismatching files are recomputed, so a stale entry is never served.
-        dense: (N, K) dense logits on these photos (any device); computed (and cached) when
-            None.
+        dense: (N, K) dense logits on these photos (any device); computed (and cached) when None.
         batch_size: photos per forward pass.
         progress: tqdm bars on stderr (pass False in notebooks).
         n_boot, seed: bootstrap over photos for the ``*_lo``/``*_hi`` columns.
@@ -196,8 +182,8 @@ def sweep(
             columns (images/s, never cached, machine-dependent).
         keep_logits: keep the (N, K) logits in each row's ``result`` (the store has none, so
             every config is then computed or read from the cache).
-        store: a :class:`dsm_lite.store.ResultStore` (the book passes
-            :func:`dsm_lite.store.book_store`): configs it holds for these photos and weights
+        store: a :class:`dsm_lite.store_format.ResultStore` (the book passes
+            :func:`dsm_lite.store_format.book_store`): configs it holds for these photos and weights
             are read from it, not run; in record mode every result is added to it. Bypassed
             when ``dense`` is given.
 
@@ -212,77 +198,35 @@ def sweep(
         ``cached`` (served from the store or the cache), optionally ``throughput, throughput_std``, and
         ``result``: the per-photo :class:`EvalResult` (for :func:`dsm_lite.stats.paired_bootstrap`).
     """
-    if labels is None:
-        labels = getattr(images, "labels", None)
-    if labels is not None:
-        labels = labels.cpu()
-    if dense is not None:  # analysis runs on the CPU, whatever device the logits came from
-        dense = widen(dense.detach()).cpu()
-    n = len(images)  # an ImageSet's photos are decoded only if something must run
+    sources = _Sources(model, images, labels, dense, _SweepCache(cache_dir), store, batch_size, progress)
     saved = patch_settings(model)
-    use_cache = cache_dir is not False
-    root = Path(cache_dir) if isinstance(cache_dir, (str, os.PathLike)) else sweep_cache_dir()
-    context: Optional[Dict[str, Any]] = None  # the cache's key context: hashes every image
-    given_dense = dense is not None
-    skeys = _StoreKeys(store, model, images, labels, given_dense, batch_size)
-
-    def context_now() -> Dict[str, Any]:  # built on first use: nothing to hash when the store serves all
-        nonlocal context
-        if context is None:
-            context = _context(model, images, labels, batch_size) if use_cache else {}
-        return context
-
-    def dense_now() -> Tensor:  # the dense logits, computed (or read from the cache) on first use
-        nonlocal dense
-        if dense is None:
-            dense = _cached_dense(model, images, root, context_now(), n, batch_size, progress, use_cache)
-        return dense
-
     unpatch(model)  # unpatched while the sweep runs; restored below
     try:
-        dense_correct = skeys.dense_correct(n) if labels is not None else None
-        rows = []
         configs = list(configs)
-        with progress_bar(len(configs), "sweep", progress) as outer:
-            for config in configs:
-                cfg = _normalise_config(config)
-                opts = {k: v for k, v in cfg.items() if k not in ("method", "r")}
-                sched = make_schedule(model, cfg["method"], cfg["r"], **opts)
-                result = skeys.get(cfg, n, keep_logits)
-                served = cached = result is not None
-                if not served and use_cache:
-                    ctx = dict(context_now(), dense=_tensor_hash(dense_now()))
-                    path = root / f"{config_key(config, ctx)}.npz"
-                    meta = json.dumps({"config": _jsonable(cfg), **ctx}, sort_keys=True, default=str)
-                    arrays = _load_npz(path, meta, n)
-                    if arrays is not None and (not keep_logits or "logits" in arrays):
-                        result, cached = EvalResult.from_arrays(arrays), True
-                if result is None:
-                    if not any(sched.r):  # nothing merges: exactly the dense model
-                        logits = dense_now()
-                    else:
-                        patch(model, **cfg)
-                        try:
-                            logits = predict(model, images, batch_size, progress,
-                                                    desc=_label(config, cfg))
-                        finally:
-                            unpatch(model)
-                    result = per_image_metrics(logits, dense_now(), labels, keep_logits=True)
-                    if use_cache:
-                        _save_npz(path, result._arrays(), meta)
-                    if not keep_logits:
-                        result.logits = None
-                if not served:
-                    skeys.record(cfg, _label(config, cfg), result, dense_now)
-                if labels is not None and dense_correct is None:
-                    dense_correct = (dense_now().argmax(dim=1) == labels).numpy()
-                rows.append(_row(config, cfg, sched, result, cached, n_boot, seed, dense_correct))
-                outer.update(1)
+        rows = _rows(sources, configs, keep_logits, n_boot, seed)
         if throughput:
             _add_throughput(model, configs, rows, throughput)
     finally:
         repatch(model, saved)
     return pd.DataFrame(rows)
+
+
+def _rows(sources: _Sources, configs: List[Dict[str, Any]], keep_logits: bool, n_boot: int,
+          seed: int) -> List[Dict[str, Any]]:
+    """One :func:`_row` per config, each result from the store, the cache or the model."""
+    dense_correct = sources.dense_correct_stored()
+    rows = []
+    with progress_bar(len(configs), "sweep", sources.progress) as outer:
+        for config in configs:
+            cfg = _normalise_config(config)
+            opts = {k: v for k, v in cfg.items() if k not in ("method", "r")}
+            sched = make_schedule(sources.model, cfg["method"], cfg["r"], **opts)
+            result, cached = sources.result(config, cfg, sched, keep_logits)
+            if sources.labels is not None and dense_correct is None:
+                dense_correct = (sources.dense().argmax(dim=1) == sources.labels).numpy()
+            rows.append(_row(config, cfg, sched, result, cached, n_boot, seed, dense_correct))
+            outer.update(1)
+    return rows
 
 
 def summary_table(df: pd.DataFrame, first: Sequence[str] = ()) -> pd.DataFrame:
@@ -304,8 +248,120 @@ def summary_table(df: pd.DataFrame, first: Sequence[str] = ()) -> pd.DataFrame:
     return out
 
 
+class _Sources:
+    """Where a sweep's per-photo results come from: the store, else the cache, else the model.
+
+    Holds the sweep's photos and labels, and the dense logits, computed (or read from the
+    cache) on first use: a sweep the store serves entirely runs nothing and hashes no photo.
+    """
+
+    def __init__(self, model: nn.Module, images, labels: Optional[Tensor], dense: Optional[Tensor],
+                 cache: _SweepCache, store, batch_size: int, progress: bool):
+        if labels is None:
+            labels = getattr(images, "labels", None)
+        if labels is not None:
+            labels = labels.cpu()
+        if dense is not None:  # analysis runs on the CPU, whatever device the logits came from
+            dense = widen(dense.detach()).cpu()
+        self.model, self.images, self.labels, self._dense, self.cache = model, images, labels, dense, cache
+        self.n = len(images)  # an ImageSet's photos are decoded only if something must run
+        self.batch_size, self.progress = batch_size, progress
+        self.store = _StoreKeys(store, model, images, labels, dense is not None, batch_size)
+
+    def dense(self) -> Tensor:
+        """The dense model's logits (N, K) on the CPU."""
+        if self._dense is None:
+            self._dense = self.cache.dense(self.model, self.images, self.labels, self.batch_size, self.progress)
+        return self._dense
+
+    def dense_correct_stored(self) -> Optional[np.ndarray]:
+        """The dense model's per-photo top-1 correctness, if the store holds it."""
+        return self.store.dense_correct(self.n) if self.labels is not None else None
+
+    def result(self, config: Dict[str, Any], cfg: Dict[str, Any], sched, keep_logits: bool) -> Tuple[EvalResult, bool]:
+        """(per-photo results of one config, whether they were served rather than computed)."""
+        result = self.store.get(cfg, self.n, keep_logits)
+        if result is not None:
+            return result, True
+        result = self.cache.get(cfg, self, keep_logits)
+        cached = result is not None
+        if result is None:
+            result = self._computed(config, cfg, sched)
+            self.cache.put(cfg, self, result)
+            if not keep_logits:
+                result.logits = None
+        self.store.record(cfg, _label(config, cfg), result, self.dense)
+        return result, cached
+
+    def _computed(self, config: Dict[str, Any], cfg: Dict[str, Any], sched) -> EvalResult:
+        if not any(sched.r):  # nothing merges: exactly the dense model
+            logits = self.dense()
+        else:
+            patch(self.model, **cfg)
+            try:
+                logits = predict(self.model, self.images, self.batch_size, self.progress, desc=_label(config, cfg))
+            finally:
+                unpatch(self.model)
+        return per_image_metrics(logits, self.dense(), self.labels, keep_logits=True)
+
+
+class _SweepCache:
+    """The sweep cache: per-config, per-photo results (logits included) in ``<root>/<key>.npz``.
+
+    A file's key is :func:`dsm_lite.store_format.result_key`, the store's, on a context
+    (:func:`_cache_context`) that holds what the store's holds (weights fingerprint, model
+    class, dtype), the photos' pixels and labels, the dense logits, and what the store leaves
+    out because :func:`dsm_lite.store.verify` checks it and nothing checks the cache: the hash
+    of dsm_lite's source, the torch and timm versions, the device type and the batch size. Each
+    file holds the JSON its key hashes and is served only when that JSON matches.
+    """
+
+    def __init__(self, cache_dir: Union[str, os.PathLike, None, bool]):
+        self.on = cache_dir is not False
+        self.root = Path(cache_dir) if isinstance(cache_dir, (str, os.PathLike)) else sweep_cache_dir()
+        self._context: Optional[Dict[str, Any]] = None
+
+    def context(self, model: nn.Module, images, labels: Optional[Tensor], batch_size: int) -> Dict[str, Any]:
+        if self._context is None:  # built on first use: it hashes every photo
+            self._context = _cache_context(model, images, labels, batch_size)
+        return self._context
+
+    def _entry(self, cfg: Dict[str, Any], sources: _Sources) -> Tuple[Path, str]:
+        """(path, the JSON its key hashes) of one config's file."""
+        ctx = self.context(sources.model, sources.images, sources.labels, sources.batch_size)
+        ctx = dict(ctx, dense=_tensor_hash(sources.dense()))
+        return self.root / f"{result_key(_jsonable(cfg), ctx)}.npz", key_blob(_jsonable(cfg), ctx)
+
+    def get(self, cfg: Dict[str, Any], sources: _Sources, keep_logits: bool) -> Optional[EvalResult]:
+        if not self.on:
+            return None
+        arrays = _load_npz(*self._entry(cfg, sources), sources.n)
+        if arrays is None or (keep_logits and "logits" not in arrays):
+            return None
+        return EvalResult.from_arrays(arrays)
+
+    def put(self, cfg: Dict[str, Any], sources: _Sources, result: EvalResult) -> None:
+        if self.on:
+            path, meta = self._entry(cfg, sources)
+            _save_npz(path, result._arrays(), meta)
+
+    def dense(self, model: nn.Module, images, labels: Optional[Tensor], batch_size: int, progress: bool) -> Tensor:
+        """The dense model's logits: read from the cache, else computed (and cached)."""
+        if not self.on:
+            return dense_logits(model, images, batch_size, progress)
+        ctx = self.context(model, images, labels, batch_size)
+        path = self.root / f"dense-{result_key({'dense': True}, ctx)}.npz"
+        meta = key_blob({"dense": True}, ctx)
+        arrays = _load_npz(path, meta, len(images))
+        if arrays is not None and "logits" in arrays:
+            return torch.from_numpy(arrays["logits"])
+        logits = predict(model, images, batch_size, progress, desc="dense")
+        _save_npz(path, {"logits": logits.numpy()}, meta)
+        return logits
+
+
 class _StoreKeys:
-    """A sweep's view of a :class:`dsm_lite.store.ResultStore`: keys, lookups and records.
+    """A sweep's view of a :class:`dsm_lite.store_format.ResultStore`: keys, lookups and records.
 
     Photos are identified by their relative paths and the preprocessing (data config) when
     ``images`` is an ``ImageSet``, else by the bytes of the image tensor; with caller-supplied
@@ -331,12 +387,10 @@ class _StoreKeys:
             photos = "pixels:" + images_hash(images, labels)
         labels_hash = "none" if labels is None else _tensor_hash(labels.to(torch.int64))
         self.paths = None if paths is None else list(paths)
-        self.context = dict(weights=weights_fingerprint(model), labels=labels_hash, photos=photos,
-                            model_class=type(model).__name__.replace("Merging", "", 1),
-                            dtype=str(next(model.parameters()).dtype))
+        self.context = dict(_model_context(model), labels=labels_hash, photos=photos)
 
     def _key(self, cfg: Optional[Dict[str, Any]]) -> str:
-        return store_key(_jsonable(cfg) if cfg is not None else {"dense": True}, self.context)
+        return result_key(_jsonable(cfg) if cfg is not None else {"dense": True}, self.context)
 
     def get(self, cfg: Dict[str, Any], n: int, keep_logits: bool) -> Optional[EvalResult]:
         if self.store is None or keep_logits:  # the store keeps no logits
@@ -362,19 +416,6 @@ class _StoreKeys:
             self.store.put(dense_key, dres._arrays(), dict(meta, config={"dense": True}, label="dense"))
 
 
-def _cached_dense(model, images, root, context, n, batch_size, progress, use_cache) -> Tensor:
-    if not use_cache:
-        return dense_logits(model, images, batch_size, progress)
-    meta = json.dumps({"dense": True, **context}, sort_keys=True, default=str)
-    path = root / f"dense-{hashlib.sha256(meta.encode()).hexdigest()[:32]}.npz"
-    arrays = _load_npz(path, meta, n)
-    if arrays is not None and "logits" in arrays:
-        return torch.from_numpy(arrays["logits"])
-    logits = predict(model, images, batch_size, progress, desc="dense")
-    _save_npz(path, {"logits": logits.numpy()}, meta)
-    return logits
-
-
 def _label(config: Dict[str, Any], cfg: Dict[str, Any]) -> str:
     if "label" in config:
         return str(config["label"])
@@ -391,11 +432,11 @@ def _row(config, cfg, sched, result: EvalResult, cached: bool, n_boot: int, seed
     row["gmacs"] = sched.macs / 1e9
     row["tokens_out"] = sched.tokens[-1]
     row["n"] = len(result)
-    for name, field in PER_PHOTO.items():
-        ci = stats.bootstrap_ci(_per_photo(getattr(result, field)), n_boot, seed)
+    for name in METRIC_COLUMNS:
+        ci = stats.bootstrap_ci(_float_vector(result.per_photo(name)), n_boot, seed)
         row[name], row[f"{name}_lo"], row[f"{name}_hi"] = ci.estimate, ci.lo, ci.hi
     if dense_correct is not None:
-        d = stats.paired_bootstrap(_per_photo(result.correct1), _per_photo(dense_correct), n_boot, seed)
+        d = stats.paired_bootstrap(_float_vector(result.correct1), _float_vector(dense_correct), n_boot, seed)
         row["d_top1"], row["d_top1_lo"], row["d_top1_hi"] = d.estimate, d.lo, d.hi
     row["cached"] = cached
     row["result"] = result

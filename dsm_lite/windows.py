@@ -1,4 +1,11 @@
-"""Windows for spatial (local) merging, in two readings.
+"""The patch grid and its windows: where a patch token sits, the windows of spatial merging,
+and how merged groups lie on the grid.
+
+Patch tokens are numbered row-major, as timm's patch embedding lays them out (prefix tokens
+removed): token ``i`` of an ``h x w`` grid is at row ``i // w``, column ``i % w``
+(:func:`patch_coords`).
+
+Windows for spatial (local) merging come in two readings.
 
 **Paper windows** (the default, ``windows="paper"``): before each local block, the M patch
 tokens of the current sequence are laid row-major, in sequence order, on a square of side
@@ -13,18 +20,29 @@ padded at the bottom right up to a multiple of ``w``, so windows in the last row
 be partly padding. Every token carries an *anchor*: the raster index of one original patch it
 holds (its own patch, or the patch of the token it was merged into), so its window is always
 defined even after the tokens stop forming a grid.
+
+**Merged groups on the grid** (for the analysis of :func:`dsm_lite.trace_sources`'s maps):
+:func:`group_contiguity` and :func:`group_sizes`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["num_windows", "window_ids", "window_partition", "window_reverse",
-           "SquareLayout", "square_side", "square_layout", "square_window_ids", "window_quotas"]
+__all__ = ["patch_coords", "num_windows", "window_ids", "window_partition", "window_reverse",
+           "SquareLayout", "square_side", "square_layout", "square_window_ids", "window_quotas",
+           "group_contiguity", "group_sizes"]
+
+
+def patch_coords(index: Union[int, torch.Tensor], grid_size: Tuple[int, int]) -> Tuple[Any, Any]:
+    """(row, col) on the patch grid of a patch-token index (prefix tokens already
+    removed), row-major as timm's patch embedding lays them out."""
+    w = grid_size[1]
+    return index // w, index % w
 
 
 def num_windows(grid: Tuple[int, int], window: int) -> Tuple[int, int]:
@@ -44,9 +62,8 @@ def window_ids(anchors: Tensor, grid: Tuple[int, int], window: int) -> Tensor:
     Returns:
         (B, M) long tensor in ``[0, ceil(H/w) * ceil(W/w))``.
     """
-    _, width = grid
     _, per_row = num_windows(grid, window)
-    y, x = anchors // width, anchors % width
+    y, x = patch_coords(anchors, grid)
     return (y // window) * per_row + x // window
 
 
@@ -177,3 +194,84 @@ def window_quotas(counts: Sequence[int], quota: int) -> Tuple[int, ...]:
     if quota < 0:
         raise ValueError(f"quota must be >= 0, got {quota}")
     return tuple(min(quota, int(c) // 2) for c in counts)
+
+
+# --------------------------------------------------------------------------- merged groups
+def group_contiguity(groups: Tensor) -> Tuple[Tensor, Tensor]:
+    """How contiguous the merged groups of each photo are on the patch grid.
+
+    Args:
+        groups: (B, h, w) integer group index per patch (``dsm_lite.trace_sources``); patches
+            sharing an index were merged into one token. Indices must lie in ``[0, h * w)``.
+
+    Returns:
+        ``(connected, spread)``, each (B,) float64 on the CPU (``groups`` may be on any
+        device), over the photo's *merged* groups (groups of two or more patches; NaN for a
+        photo with none):
+
+        - ``connected``: share of merged groups that are 4-connected (every patch reachable
+          from every other through edge-sharing patches of the same group);
+        - ``spread``: mean over merged groups of bounding-box area / group size (1 for a
+          filled rectangle, larger for scattered groups).
+    """
+    if groups.dim() != 3:
+        raise ValueError(f"groups must be (B, h, w), got shape {tuple(groups.shape)}")
+    groups = groups.long().cpu()
+    b, h, w = groups.shape
+    n = h * w
+    g = groups.reshape(b, n)
+    if g.numel() and (g.min() < 0 or g.max() >= n):
+        raise ValueError(f"group indices must lie in [0, {n})")
+    # flood fill inside groups: every patch ends with the smallest patch index it can reach
+    lab = torch.arange(n).repeat(b, 1).view(b, h, w)
+    steps = [((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
+             ((slice(None), slice(None, -1)), (slice(None), slice(1, None))),
+             ((slice(None), slice(None), slice(1, None)), (slice(None), slice(None), slice(None, -1))),
+             ((slice(None), slice(None), slice(None, -1)), (slice(None), slice(None), slice(1, None)))]
+    while True:
+        new = lab.clone()
+        for to, frm in steps:
+            same = groups[to] == groups[frm]
+            new[to] = torch.where(same, torch.minimum(new[to], lab[frm]), new[to])
+        if torch.equal(new, lab):
+            break
+        lab = new
+    lab = lab.reshape(b, n)
+
+    def per_group(v: Tensor, how: str) -> Tensor:
+        return torch.zeros(b, n, dtype=v.dtype).scatter_reduce(1, g, v, how, include_self=False)
+
+    size = per_group(torch.ones_like(g), "sum")
+    merged = size > 1
+    connected = per_group(lab, "amin") == per_group(lab, "amax")
+    y, x = (c.expand(b, n) for c in patch_coords(torch.arange(n), (h, w)))
+    box = ((per_group(y, "amax") - per_group(y, "amin") + 1)
+           * (per_group(x, "amax") - per_group(x, "amin") + 1))
+    count = merged.sum(1).double()
+    share = (connected & merged).sum(1).double() / count          # 0/0 -> NaN: no merged group
+    spread = torch.where(merged, box / size.clamp_min(1), 0.0).sum(1).double() / count
+    return share, spread
+
+
+def group_sizes(groups: Tensor, counted: Optional[Tensor] = None) -> Tensor:
+    """Patches in the group of each patch: (B, h, w) group indices -> (B, h, w) long sizes on
+    the same device (1 for a patch that was never merged).
+
+    ``counted``: a bool mask of the patches to count, (h, w) or (B, h, w) (default: all), e.g.
+    the patches *other* than the attention sinks, to ask whether a sink was merged with one of
+    them. Indices must lie in ``[0, h * w)``, as :func:`dsm_lite.trace_sources` gives them.
+    """
+    if groups.dim() != 3:
+        raise ValueError(f"groups must be (B, h, w), got shape {tuple(groups.shape)}")
+    b, h, w = groups.shape
+    flat = groups.reshape(b, h * w).long()
+    if flat.numel() and (flat.min() < 0 or flat.max() >= h * w):
+        raise ValueError(f"group indices must lie in [0, {h * w})")
+    offset = flat + torch.arange(b, device=flat.device)[:, None] * (h * w)  # one bin range per photo
+    weights = None
+    if counted is not None:
+        if counted.shape[-2:] != (h, w) or counted.dim() not in (2, 3):
+            raise ValueError(f"counted must be (h, w) or (B, h, w) = {(b, h, w)}, got {tuple(counted.shape)}")
+        weights = counted.to(flat.device, torch.float64).expand(b, h, w).reshape(-1)
+    counts = torch.bincount(offset.flatten(), weights=weights, minlength=b * h * w)
+    return counts.round().long()[offset].reshape(b, h, w)

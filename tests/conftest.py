@@ -26,7 +26,7 @@ if "TRITON_INTERPRET" not in os.environ:
 @pytest.fixture(scope="session")
 def real_assets() -> Path:
     """The real assets folder: $DSM_LITE_ASSETS, or ../shared/assets beside the repo (CI sets the former)."""
-    from dsm_lite._assets import assets_dir
+    from dsm_lite.assets import assets_dir
 
     root = assets_dir() if os.environ.get("DSM_LITE_ASSETS") else None
     root = root or (REPO.parent / "shared" / "assets")

@@ -229,7 +229,7 @@ def test_vs_and_paired_columns(sweeps, nb):
 
 def test_bad_metric_and_missing_row(sweeps):
     with pytest.raises(ValueError, match="metric"):
-        compare.per_photo(sweeps["imagenet-sample"].result.iloc[0], "accuracy")
+        sweeps["imagenet-sample"].result.iloc[0].per_photo("accuracy")
     with pytest.raises(KeyError, match="r = 99"):
         compare.pooled(sweeps, "ToMe", "top1", r=99)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsm_lite._assets import ChecksumError, DownloadError, fetch, manifest
+from dsm_lite.assets import ChecksumError, DownloadError, fetch, manifest
 from dsm_lite.data import (CorruptImageError, _choose, class_names, ilsvrc_val_files, load_images, load_photo,
                            load_photos)
 
@@ -177,7 +177,7 @@ def test_ilsvrc2012_val_labels_from_folders(with_assets: Path) -> None:
 
 def test_ilsvrc2012_val_missing_or_corrupt_file(tmp_path: Path, with_assets: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from dsm_lite._assets import AssetNotFoundError
+    from dsm_lite.assets import AssetNotFoundError
     rels = list(manifest("ilsvrc2012-val"))[:3]
     fake = tmp_path / "assets"
     for r in rels[:2]:
@@ -195,7 +195,7 @@ def test_ilsvrc2012_val_missing_or_corrupt_file(tmp_path: Path, with_assets: Pat
 def test_ilsvrc2012_val_downloads_from_its_flat_public_home(real_assets: Path, tmp_path: Path, serve,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The public source keeps every photo in one folder; the cache sorts them by label."""
-    from dsm_lite import _assets
+    from dsm_lite import assets
     rels = list(manifest("ilsvrc2012-val"))[::400]
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -204,13 +204,13 @@ def test_ilsvrc2012_val_downloads_from_its_flat_public_home(real_assets: Path, t
     monkeypatch.delenv("DSM_LITE_ASSETS", raising=False)
     monkeypatch.delenv("DSM_LITE_DATA_URL", raising=False)
     monkeypatch.setenv("DSM_LITE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(_assets.SOURCES, "ilsvrc2012-val", serve(flat).rstrip("/") + "/")
+    monkeypatch.setitem(assets.SOURCES, "ilsvrc2012-val", serve(flat).rstrip("/") + "/")
     s = load_images("ilsvrc2012-val", files=rels)
     assert s.paths == rels and s.images.shape[0] == len(rels)
     for r in rels:
         got = tmp_path / "cache" / r
         assert hashlib.sha256(got.read_bytes()).hexdigest() == manifest("ilsvrc2012-val")[r]
-    assert _assets._source_url(rels[0], None).endswith("/" + rels[0].rsplit("/", 1)[1])
+    assert assets._source_url(rels[0], None).endswith("/" + rels[0].rsplit("/", 1)[1])
 
 
 # --------------------------------------------------------------------------- lazy decoding

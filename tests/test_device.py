@@ -28,7 +28,7 @@ import torch
 from torch.autograd import DeviceType
 
 import dsm_lite
-from dsm_lite import devices, evaluation, grid, matching_steps, measure, models, probes, stats
+from dsm_lite import devices, evaluation, matching_steps, measure, models, probes, stats, windows
 from dsm_lite.devices import DeviceMismatchError, DeviceUnavailableError
 
 fake_tensor = pytest.importorskip("torch._subclasses.fake_tensor")
@@ -409,7 +409,7 @@ def test_real_gpu_end_to_end(cpu_vit) -> None:
         dsm_lite.patch(model, **kw)
         logits, groups = dsm_lite.trace_sources(model, images)
         assert is_cpu(logits) and is_cpu(groups) and groups.shape == (3, 14, 14)
-        assert grid.group_contiguity(groups)[0].shape == (3,)
+        assert windows.group_contiguity(groups)[0].shape == (3,)
         parts = measure.time_breakdown(model, images.cuda())
         assert abs(sum(parts.values()) - 1) < 1e-6 and parts["transformer"] < 1, (kw, parts)
     dsm_lite.unpatch(model)

@@ -1,4 +1,4 @@
-"""Concurrent, retried, atomic downloads (dsm_lite._assets.fetch_many) against a faulty loopback server."""
+"""Concurrent, retried, atomic downloads (dsm_lite.assets.fetch_many) against a faulty loopback server."""
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +11,8 @@ from typing import Dict, Iterator
 
 import pytest
 
-from dsm_lite import _assets
-from dsm_lite._assets import (ChecksumError, DownloadError, DownloadsFailedError, OfflineError, fetch,
+from dsm_lite import assets
+from dsm_lite.assets import (ChecksumError, DownloadError, DownloadsFailedError, OfflineError, fetch,
                               fetch_many, manifest)
 from dsm_lite.data import load_images
 from faulty_server import FaultyServer, random_plan
@@ -28,7 +28,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("DSM_LITE_DATA_URL", raising=False)
     monkeypatch.delenv("DSM_LITE_DOWNLOAD_WORKERS", raising=False)
     monkeypatch.setenv("DSM_LITE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(_assets, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(assets, "BACKOFF_S", 0.01)
     return tmp_path / "cache"
 
 
@@ -82,7 +82,7 @@ def test_faults_are_retried_and_every_file_arrives_verified(cache, mirror, serve
 
 def test_concurrency_follows_workers(cache, mirror, server, monkeypatch) -> None:
     server.plan = lambda rel, attempt: ("ok", 0.02)
-    real, lock, inflight = _assets._download_once, threading.Lock(), [0, 0]  # now, most
+    real, lock, inflight = assets._download_once, threading.Lock(), [0, 0]  # now, most
 
     def counted(*args, **kwargs):
         with lock:
@@ -94,7 +94,7 @@ def test_concurrency_follows_workers(cache, mirror, server, monkeypatch) -> None
             with lock:
                 inflight[0] -= 1
 
-    monkeypatch.setattr(_assets, "_download_once", counted)
+    monkeypatch.setattr(assets, "_download_once", counted)
     fetch_many(mirror, base_url=server.url, workers=1, progress=False)
     assert inflight[1] == 1
     for p in cache.rglob("*.JPEG"):
@@ -139,7 +139,7 @@ def test_404_fails_at_once_and_a_rerun_fetches_only_the_rest(cache, mirror, serv
 def test_interrupted_run_leaves_no_partial_file_and_resumes(cache, mirror, server, monkeypatch) -> None:
     slow = set(list(mirror)[8:])
     server.plan = lambda rel, attempt: ("slow_body", 0.3) if rel in slow else ("ok", 0.0)
-    real_wait, completions = _assets.wait, []
+    real_wait, completions = assets.wait, []
 
     def interrupted_wait(*args, **kwargs):
         completions.append(1)
@@ -147,14 +147,14 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes(cache, mirror, serve
             raise KeyboardInterrupt
         return real_wait(*args, **kwargs)
 
-    monkeypatch.setattr(_assets, "wait", interrupted_wait)
+    monkeypatch.setattr(assets, "wait", interrupted_wait)
     with pytest.raises(KeyboardInterrupt):
         fetch_many(mirror, base_url=server.url, workers=4, progress=False)
     done = cached_files(cache)  # temp files included: there must be none
     assert 0 < len(done) < N and all(mirror.get(r) == s for r, s in done.items())
     assert len(server.requests) < N  # the rest of the batch was dropped, not waited for
 
-    monkeypatch.setattr(_assets, "wait", real_wait)
+    monkeypatch.setattr(assets, "wait", real_wait)
     server.reset_counts()
     server.plan = lambda rel, attempt: ("ok", 0.0)
     fetch_many(mirror, base_url=server.url, workers=4, progress=False)
@@ -164,7 +164,7 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes(cache, mirror, serve
 
 def test_error_in_a_worker_stops_the_batch(cache, mirror, server, monkeypatch) -> None:
     server.plan = lambda rel, attempt: ("ok", 0.02)
-    real, calls = _assets._download_once, []
+    real, calls = assets._download_once, []
 
     def broken(url, dest, sha256, timeout, stop=None):
         calls.append(url)
@@ -172,7 +172,7 @@ def test_error_in_a_worker_stops_the_batch(cache, mirror, server, monkeypatch) -
             raise PermissionError("cache not writable")  # not a download failure: no retry
         real(url, dest, sha256, timeout, stop)
 
-    monkeypatch.setattr(_assets, "_download_once", broken)
+    monkeypatch.setattr(assets, "_download_once", broken)
     with pytest.raises(PermissionError, match="not writable"):
         fetch_many(mirror, base_url=server.url, workers=4, progress=False)
     done = cached_files(cache)
@@ -187,7 +187,7 @@ def test_stale_partial_files_are_cleaned_and_corrupt_files_refetched(cache, mirr
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
     stale = folder / f".part-{dead}-0123abcd-xyz"  # a process killed mid-download
-    mine = folder / f".part-{os.getpid()}-{_assets._TOKEN}-xyz"  # in use by this process
+    mine = folder / f".part-{os.getpid()}-{assets._TOKEN}-xyz"  # in use by this process
     earlier_me = folder / f".part-{os.getpid()}-ffffffff-xyz"  # an earlier process with our pid
     for p in (stale, mine, earlier_me):
         p.write_bytes(b"half")
@@ -204,16 +204,16 @@ def test_transient_failures_give_up_after_bounded_tries(cache, mirror, server) -
     with pytest.raises(DownloadsFailedError) as info:
         fetch_many(mirror, base_url=server.url, progress=False)
     assert set(info.value.failures) == {bad, dropped}
-    assert server.requests[bad] == server.requests[dropped] == _assets.TRIES
-    assert "HTTP 503" in str(info.value.failures[bad]) and f"after {_assets.TRIES} tries" in str(info.value)
+    assert server.requests[bad] == server.requests[dropped] == assets.TRIES
+    assert "HTTP 503" in str(info.value.failures[bad]) and f"after {assets.TRIES} tries" in str(info.value)
     assert isinstance(info.value.failures[dropped], OfflineError)
     assert len(cached_files(cache)) == N - 2
 
 
 def test_unreachable_server_is_offline_and_the_batch_gives_up(cache, mirror, monkeypatch) -> None:
     with socket_closed_port() as url:
-        monkeypatch.setattr(_assets, "ABORT_AFTER", 5)
-        monkeypatch.setattr(_assets, "TRIES", 2)
+        monkeypatch.setattr(assets, "ABORT_AFTER", 5)
+        monkeypatch.setattr(assets, "TRIES", 2)
         with pytest.raises(OfflineError) as info:
             fetch_many(mirror, base_url=url, workers=2, progress=False)
     e = info.value

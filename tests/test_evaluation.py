@@ -2,6 +2,8 @@
 corruption) and the trade-off plots of a sweep."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ import dsm_lite
 from dsm_lite import evaluation as ev
 from dsm_lite import plots, sweeps
 from dsm_lite import count_macs, is_patched, patch, unpatch
+from dsm_lite.store_format import result_key
 
 from reference import small_vit
 
@@ -140,6 +143,18 @@ def test_cache_misses_on_config_code_images_and_weights(model, data, tmp_path, m
     finally:
         with torch.no_grad():
             model.head.bias.sub_(1.0)
+
+
+def test_cache_files_are_named_by_the_store_key(model, data, tmp_path):
+    """One key for the store and the cache: a cache file's name is result_key of the JSON it holds."""
+    _sweep(model, data, tmp_path, configs=CONFIGS[1:2])
+    files = sorted(tmp_path.glob("*.npz"), key=lambda f: f.name.startswith("dense-"))
+    assert [f.name.startswith("dense-") for f in files] == [False, True]
+    for f in files:
+        with np.load(f) as z:
+            blob = json.loads(str(z["__meta__"]))
+        assert f.stem.removeprefix("dense-") == result_key(blob["config"], blob["context"])
+    assert blob["config"] == {"dense": True} and blob["context"]["code"] == sweeps.code_hash()
 
 
 def test_code_hash_changes_with_source(tmp_path, monkeypatch):

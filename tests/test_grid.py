@@ -1,12 +1,11 @@
-"""dsm_lite.grid: patch coordinates and the contiguity of merged groups, against hand-made
+"""dsm_lite.windows' grid geometry: patch coordinates and the contiguity of merged groups, against hand-made
 grids and a breadth-first search."""
 from collections import deque
 
 import pytest
 import torch
 
-from dsm_lite import grid
-from dsm_lite.grid import group_contiguity, patch_coords
+from dsm_lite.windows import group_contiguity, group_sizes, patch_coords
 
 
 def test_patch_coords_row_major():
@@ -60,26 +59,26 @@ def test_group_contiguity_matches_bfs_random():
 def test_group_sizes_against_counting_by_hand():
     g = torch.Generator().manual_seed(0)
     groups = torch.randint(0, 6, (3, 4, 4), generator=g)
-    got = grid.group_sizes(groups)
+    got = group_sizes(groups)
     for b in range(3):
         for i in range(4):
             for j in range(4):
                 assert got[b, i, j] == int((groups[b] == groups[b, i, j]).sum())
-    assert grid.group_sizes(torch.arange(16).view(1, 4, 4)).eq(1).all()  # nothing merged
+    assert group_sizes(torch.arange(16).view(1, 4, 4)).eq(1).all()  # nothing merged
     with pytest.raises(ValueError, match="lie in"):
-        grid.group_sizes(torch.full((1, 2, 2), 4))
+        group_sizes(torch.full((1, 2, 2), 4))
     with pytest.raises(ValueError, match=r"\(B, h, w\)"):
-        grid.group_sizes(torch.zeros(4, 4, dtype=torch.long))
+        group_sizes(torch.zeros(4, 4, dtype=torch.long))
 
 
 def test_group_sizes_counts_only_the_masked_patches():
     g = torch.Generator().manual_seed(1)
     groups = torch.randint(0, 5, (2, 3, 3), generator=g)
     mask = torch.rand(3, 3, generator=g) > 0.5
-    got = grid.group_sizes(groups, counted=mask)
+    got = group_sizes(groups, counted=mask)
     for b in range(2):
         for i in range(3):
             for j in range(3):
                 assert got[b, i, j] == int(((groups[b] == groups[b, i, j]) & mask).sum())
     with pytest.raises(ValueError, match="counted"):
-        grid.group_sizes(groups, counted=torch.ones(2, 2, dtype=torch.bool))
+        group_sizes(groups, counted=torch.ones(2, 2, dtype=torch.bool))

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from dsm_lite._assets import AssetNotFoundError, ChecksumError, OfflineError
+from dsm_lite.assets import AssetNotFoundError, ChecksumError, OfflineError
 from dsm_lite.models import (DEFAULT_MODEL, book_dtype, NotAViTError, UnknownModelError, load_model,
                              pick_device, predict, topk_accuracy, weights_fingerprint)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import dsm_lite
-from dsm_lite import _package
+from dsm_lite import package
 
 REPO = Path(__file__).resolve().parents[1]
 #: imports that stay inside a function, with why: optional extras and a version shim
@@ -27,26 +27,30 @@ ALLOWED_NESTED = {
 
 
 def test_import_graph_is_acyclic_with_imports_at_the_top():
-    graph = _package.import_graph()
-    layers = _package.layers(graph)  # raises on a cycle
+    graph = package.import_graph()
+    layers = package.layers(graph)  # raises on a cycle
     assert layers["merging"] == 0 and layers["stats"] == 0
     # the engine never imports the analysis
-    engine = {m for m, g in _package.GROUPS.items() if g.startswith("engine")}
-    analysis = {m for m, g in _package.GROUPS.items() if g in ("analysis", "figures")}
+    engine = {m for m, g in package.GROUPS.items() if g.startswith("engine")}
+    analysis = {m for m, g in package.GROUPS.items() if g in ("analysis", "figures")}
     assert all(not (graph[m] & analysis) for m in engine)
-    assert set(_package.nested_imports()) <= ALLOWED_NESTED
+    # the results store's file format sits low (it needs only the atomic write), under the sweeps
+    # and the store's checks; the photos need no model
+    assert graph["store_format"] <= {"assets"} and "store_format" in graph["sweeps"] & graph["store"]
+    assert "models" not in graph["data"]
+    assert set(package.nested_imports()) <= ALLOWED_NESTED
 
 
 def test_layers_find_a_cycle():
     with pytest.raises(ValueError, match="a -> b -> a"):
-        _package.layers({"a": {"b"}, "b": {"a"}, "c": set()})
-    assert _package.layers({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == {"a": 1, "b": 0, "c": 2}
+        package.layers({"a": {"b"}, "b": {"a"}, "c": set()})
+    assert package.layers({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == {"a": 1, "b": 0, "c": 2}
 
 
 def test_every_module_states_its_concern_and_has_a_role():
-    for m in _package.modules():
-        assert len(_package.concern(m)) > 20, m
-    assert set(_package.GROUPS) == set(_package.modules())
+    for m in package.modules():
+        assert len(package.concern(m)) > 20, m
+    assert set(package.GROUPS) == set(package.modules())
 
 
 def test_curated_api_is_the_engine_and_analysis_is_namespaced():

@@ -1,4 +1,4 @@
-"""dsm_lite.store: the versioned per-photo results the book's sweeps read.
+"""dsm_lite.store_format and dsm_lite.store: the versioned per-photo results the book's sweeps read, and their checks.
 
 Two kinds of test:
 - the store mechanics on a small random ViT: a stored entry is served without running the
@@ -19,6 +19,7 @@ import torch
 
 from dsm_lite import sweeps
 from dsm_lite import store as st
+from dsm_lite import store_format as sf
 from dsm_lite.data import ImageSet
 
 from reference import small_vit
@@ -71,16 +72,16 @@ def _same_rows(a, b):
     assert a[cols].equals(b[cols])
     np.testing.assert_allclose(a[kl].to_numpy(float), b[kl].to_numpy(float), rtol=1e-6, atol=0)
     for ra, rb in zip(a.result, b.result):
-        _same_arrays({f: getattr(ra, f) for f in st.FIELDS}, {f: getattr(rb, f) for f in st.FIELDS})
+        _same_arrays({f: getattr(ra, f) for f in sf.FIELDS}, {f: getattr(rb, f) for f in sf.FIELDS})
 
 
 def test_recorded_results_are_served_without_running_the_model(vit, photos, tmp_path):
     path = tmp_path / "store.npz"
     computed = _sweep(vit, photos, None)
-    recorded = _sweep(vit, photos, st.ResultStore(path, mode="record"))
+    recorded = _sweep(vit, photos, sf.ResultStore(path, mode="record"))
     _same_rows(recorded, computed)
     assert not recorded.cached.any()
-    store = st.ResultStore(path)
+    store = sf.ResultStore(path)
     assert len(store) == len(CONFIGS) + 1  # every config, and the dense model's correctness
     with CountForwards(vit) as count:
         served = _sweep(vit, photos, store)
@@ -92,20 +93,20 @@ def test_recorded_results_are_served_without_running_the_model(vit, photos, tmp_
 
 def test_a_missing_entry_is_computed_and_others_are_served(vit, photos, tmp_path):
     path = tmp_path / "store.npz"
-    _sweep(vit, photos, st.ResultStore(path, mode="record"), configs=CONFIGS[:2])
+    _sweep(vit, photos, sf.ResultStore(path, mode="record"), configs=CONFIGS[:2])
     with CountForwards(vit) as count:
-        df = _sweep(vit, photos, st.ResultStore(path))
+        df = _sweep(vit, photos, sf.ResultStore(path))
     assert df.cached.tolist() == [True, True, False, False]
     assert count.n == 2 * -(-N // 4) + -(-N // 4)  # DSM and random configs, plus the dense model
 
 
 def test_extend_serves_what_it_has_and_records_the_rest(vit, photos, tmp_path):
     path = tmp_path / "store.npz"
-    _sweep(vit, photos, st.ResultStore(path, mode="record"), configs=CONFIGS[:2])
-    before = {k: e["pred"].copy() for k, e in st.ResultStore(path).entries().items()}
-    df = _sweep(vit, photos, st.ResultStore(path, mode="extend"))
+    _sweep(vit, photos, sf.ResultStore(path, mode="record"), configs=CONFIGS[:2])
+    before = {k: e["pred"].copy() for k, e in sf.ResultStore(path).entries().items()}
+    df = _sweep(vit, photos, sf.ResultStore(path, mode="extend"))
     assert df.cached.tolist() == [True, True, False, False]
-    after = st.ResultStore(path)
+    after = sf.ResultStore(path)
     assert len(after) == len(CONFIGS) + 1 and set(before) < set(after.entries())
     with CountForwards(vit) as count:
         _same_rows(_sweep(vit, photos, after), df)
@@ -116,14 +117,14 @@ def test_put_appends_new_keys_and_rewrites_a_replaced_one(tmp_path):
     path = tmp_path / "store.npz"
     rng = np.random.default_rng(0)
 
-    rec = st.ResultStore(path, mode="record")
+    rec = sf.ResultStore(path, mode="record")
     want = {k: _fake_arrays(rng, 7) for k in ("a", "b", "c")}
     for k, a in want.items():
         rec.put(k, a, dict(label=k))
     size = path.stat().st_size
     rec.put("b", want["b"], dict(label="b again"))  # replacing: one rewrite, no duplicate members
     assert abs(path.stat().st_size - size) < 100
-    got = st.ResultStore(path).entries()
+    got = sf.ResultStore(path).entries()
     assert sorted(got) == ["a", "b", "c"] and got["b"]["__meta__"]["label"] == "b again"
     for k, a in want.items():
         _same_arrays(got[k], a)
@@ -131,7 +132,7 @@ def test_put_appends_new_keys_and_rewrites_a_replaced_one(tmp_path):
 
 def _same_arrays(got, want):
     """Exact for classes and flags; KL and confidence to float32 (the store keeps 24 bits)."""
-    for f in st.FIELDS:
+    for f in sf.FIELDS:
         assert got[f].dtype == np.asarray(want[f]).dtype  # class indices come back as int64
         if f in ("kl", "confidence"):
             np.testing.assert_allclose(got[f], want[f], rtol=2.0 ** -24, atol=0)
@@ -162,8 +163,8 @@ def test_format_2_codes_top5_against_the_dense_entry_and_shares_photo_lists(tmp_
                "other": {"__meta__": dict(config={"method": "tome"}, context=dict(ctx, weights="v"),
                                           photos=photos), **_fake_arrays(rng, n)}}
     path = tmp_path / "s.npz"
-    st._write(path, entries)
-    got = st.ResultStore(path).entries()
+    sf._write(path, entries)
+    got = sf.ResultStore(path).entries()
     for k, e in entries.items():
         assert got[k]["__meta__"] == e["__meta__"]
         _same_arrays(got[k], e)
@@ -177,15 +178,15 @@ def test_format_2_codes_top5_against_the_dense_entry_and_shares_photo_lists(tmp_
     assert "top5_base" not in meta["other"] and "top5_base" not in meta["dense"]
     assert (codes[:100] == [4, 3, 2, 1, 0]).all() and (codes[200:] == [0, 1, 2, 3, 4]).all()
     # compacting an appended (plain) store changes nothing that is read back
-    rec = st.ResultStore(tmp_path / "a.npz", mode="record")
+    rec = sf.ResultStore(tmp_path / "a.npz", mode="record")
     for k, e in entries.items():
-        rec.put(k, {f: e[f] for f in st.FIELDS}, e["__meta__"])
-    before = st.ResultStore(rec.path).entries()
+        rec.put(k, {f: e[f] for f in sf.FIELDS}, e["__meta__"])
+    before = sf.ResultStore(rec.path).entries()
     st._main(["compact", str(rec.path)])
-    after = st.ResultStore(rec.path).entries()
+    after = sf.ResultStore(rec.path).entries()
     for k in entries:
         assert after[k]["__meta__"] == before[k]["__meta__"]
-        for f in st.FIELDS:
+        for f in sf.FIELDS:
             np.testing.assert_array_equal(after[k][f], before[k][f])
 
 
@@ -199,9 +200,9 @@ def test_a_format_1_store_is_still_read(tmp_path):
                                  "k/__meta__": np.array(json.dumps(meta)),
                                  **{f"k/{f}": (v.astype(np.int16) if v.dtype.kind == "i" else v)
                                     for f, v in a.items()}})
-    got = st.ResultStore(path).entries()["k"]
+    got = sf.ResultStore(path).entries()["k"]
     assert got["__meta__"] == meta
-    for f in st.FIELDS:
+    for f in sf.FIELDS:
         assert got[f].dtype == a[f].dtype
         np.testing.assert_array_equal(got[f], a[f])  # float64 was stored: exact
 
@@ -211,7 +212,7 @@ def test_diff_finds_a_changed_prediction_and_missing_entries(tmp_path):
     n = 6
     arrays = _fake_arrays(rng, n)
     meta = dict(label="x", photos=[f"imagenet-sample/p{i}.JPEG" for i in range(n)])
-    a, b = st.ResultStore(tmp_path / "a.npz", "record"), st.ResultStore(tmp_path / "b.npz", "record")
+    a, b = sf.ResultStore(tmp_path / "a.npz", "record"), sf.ResultStore(tmp_path / "b.npz", "record")
     for k in ("k1", "k2"):
         a.put(k, arrays, meta)
     assert st.diff(a.path, a.path) == (2, [], [], [])
@@ -229,7 +230,7 @@ def test_diff_finds_a_changed_prediction_and_missing_entries(tmp_path):
 @pytest.mark.parametrize("change", ["config", "photos", "labels", "weights", "dtype"])
 def test_keys_change_with_everything_that_changes_a_result(vit, photos, tmp_path, change):
     path = tmp_path / "store.npz"
-    _sweep(vit, photos, st.ResultStore(path, mode="record"), configs=CONFIGS[1:2])
+    _sweep(vit, photos, sf.ResultStore(path, mode="record"), configs=CONFIGS[1:2])
     model, configs = vit, CONFIGS[1:2]
     if change == "config":
         configs = [dict(CONFIGS[1], prop_attn=False)]
@@ -242,94 +243,94 @@ def test_keys_change_with_everything_that_changes_a_result(vit, photos, tmp_path
         model = small_vit(seed=4)
     else:
         model = small_vit(seed=3).double()
-    df = _sweep(model, photos, st.ResultStore(path), configs=configs)
+    df = _sweep(model, photos, sf.ResultStore(path), configs=configs)
     assert not df.cached.any()
 
 
 def test_what_does_not_change_a_result_is_not_in_the_key(vit, photos, tmp_path):
     path = tmp_path / "store.npz"
-    _sweep(vit, photos, st.ResultStore(path, mode="record"), configs=CONFIGS[1:2])
+    _sweep(vit, photos, sf.ResultStore(path, mode="record"), configs=CONFIGS[1:2])
     df = sweeps.sweep(vit, photos, CONFIGS[1:2], cache_dir=False, batch_size=7, progress=False,
-                  n_boot=100, store=st.ResultStore(path))
+                  n_boot=100, store=sf.ResultStore(path))
     assert df.cached.all()  # batch size (and device, versions, source) are not part of the key
 
 
 def test_store_bypassed_with_given_dense_logits_or_kept_logits(vit, photos, tmp_path):
     path = tmp_path / "store.npz"
-    _sweep(vit, photos, st.ResultStore(path, mode="record"), configs=CONFIGS[1:2])
+    _sweep(vit, photos, sf.ResultStore(path, mode="record"), configs=CONFIGS[1:2])
     other_dense = torch.randn(N, 10)
-    assert not _sweep(vit, photos, st.ResultStore(path), configs=CONFIGS[1:2], dense=other_dense).cached.any()
-    assert not _sweep(vit, photos, st.ResultStore(path), configs=CONFIGS[1:2], keep_logits=True).cached.any()
+    assert not _sweep(vit, photos, sf.ResultStore(path), configs=CONFIGS[1:2], dense=other_dense).cached.any()
+    assert not _sweep(vit, photos, sf.ResultStore(path), configs=CONFIGS[1:2], keep_logits=True).cached.any()
 
 
 def test_book_store_modes(monkeypatch, tmp_path):
     monkeypatch.delenv("DSM_LITE_RESULTS", raising=False)
-    s = st.book_store()
-    assert s.path == st.BOOK_STORE and s.mode == "read"
-    assert st.book_store(recompute=True) is None
+    s = sf.book_store()
+    assert s.path == sf.BOOK_STORE and s.mode == "read"
+    assert sf.book_store(recompute=True) is None
     monkeypatch.setenv("DSM_LITE_RESULTS", "off")
-    assert st.book_store() is None
+    assert sf.book_store() is None
     monkeypatch.setenv("DSM_LITE_RESULTS", f"record:{tmp_path / 'x.npz'}")
-    s = st.book_store(recompute=True)  # recording wins: a rebuild recomputes anyway
+    s = sf.book_store(recompute=True)  # recording wins: a rebuild recomputes anyway
     assert s.mode == "record" and s.path == tmp_path / "x.npz"
     monkeypatch.setenv("DSM_LITE_RESULTS", f"extend:{tmp_path / 'y.npz'}")
-    assert st.book_store().mode == "extend"
+    assert sf.book_store().mode == "extend"
     monkeypatch.setenv("DSM_LITE_RESULTS", "sometimes")
     with pytest.raises(ValueError, match="read, off, record"):
-        st.book_store()
+        sf.book_store()
 
 
 def test_bad_input_gives_clear_errors(vit, photos, tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip file")
     with pytest.raises(ValueError, match="python -m dsm_lite.store rebuild"):
-        len(st.ResultStore(bad))
+        len(sf.ResultStore(bad))
     with pytest.raises(RuntimeError, match="read-only"):
-        st.ResultStore(tmp_path / "s.npz").put("k", {}, {})
+        sf.ResultStore(tmp_path / "s.npz").put("k", {}, {})
     with pytest.raises(ValueError, match="per-photo fields"):
-        st.ResultStore(tmp_path / "s.npz", mode="record").put("k", {"pred": np.zeros(2)}, {})
+        sf.ResultStore(tmp_path / "s.npz", mode="record").put("k", {"pred": np.zeros(2)}, {})
     with pytest.raises(ValueError, match="mode"):
-        st.ResultStore(tmp_path / "s.npz", mode="write")
+        sf.ResultStore(tmp_path / "s.npz", mode="write")
     odd = _fake_arrays(np.random.default_rng(0), 3)
     odd["pred"] = odd["pred"] + 1  # pred is not stored but read back as top5[:, 0]: refused
     with pytest.raises(ValueError, match=r"top5\[:, 0\]"):
-        st.ResultStore(tmp_path / "s.npz", mode="record").put("k", odd, {})
+        sf.ResultStore(tmp_path / "s.npz", mode="record").put("k", odd, {})
     with pytest.raises(ValueError, match="needs an ImageSet"):
         sweeps.sweep(vit, photos.images, CONFIGS[1:2], labels=photos.labels, cache_dir=False,
-                 progress=False, store=st.ResultStore(tmp_path / "s.npz", mode="record"))
+                 progress=False, store=sf.ResultStore(tmp_path / "s.npz", mode="record"))
     assert not (tmp_path / "s.npz").exists()  # nothing half-written
     # a store of another format is refused, not misread
     path = tmp_path / "old.npz"
-    _sweep(vit, photos, st.ResultStore(path, mode="record"), configs=CONFIGS[1:2])
+    _sweep(vit, photos, sf.ResultStore(path, mode="record"), configs=CONFIGS[1:2])
     with np.load(path) as z:
         arrays = {k: z[k] for k in z.files}
     arrays["__meta__"] = np.array('{"format": 0}')
     np.savez(path, **arrays)
     with pytest.raises(ValueError, match="format 0"):
-        len(st.ResultStore(path))
+        len(sf.ResultStore(path))
 
 
 # --------------------------------------------------------------------------- the shipped store
 def test_shipped_store_matches_a_recomputation(with_assets):
     """Every entry of dsm_lite/results/book.npz, recomputed on 8 seeded photos (random-feature
     entries: their first recorded batch) with the pretrained model, in float64."""
-    checked, bad = st.verify(st.BOOK_STORE, n_photos=8, seed=0)
-    assert checked == len(st.ResultStore()) > 0
+    checked, bad = st.verify(sf.BOOK_STORE, n_photos=8, seed=0)
+    assert checked == len(sf.ResultStore()) > 0
     assert not bad, ("the stored per-photo results no longer match what the code computes:\n"
-                     + "\n".join(map(str, bad)) + f"\nrebuild them with `{st.REBUILD_COMMAND}`")
+                     + "\n".join(map(str, bad)) + f"\nrebuild them with `{sf.REBUILD_COMMAND}`")
 
 
 def test_verify_catches_a_tampered_entry(with_assets, tmp_path):
     path = tmp_path / "book.npz"
-    shutil.copy(st.BOOK_STORE, path)
-    store = st.ResultStore(path, mode="record")
+    shutil.copy(sf.BOOK_STORE, path)
+    store = sf.ResultStore(path, mode="record")
     key = next(k for k, e in store.entries().items()
                if e["__meta__"]["config"].get("method") == "dsm"
                and e["__meta__"]["config"].get("feature") == "k")
     entry = store.entries()[key]
     kl = entry["kl"].copy()
     kl += 1e-3  # every photo's KL off by 1e-3: far above float noise, far below a printed digit
-    store.put(key, dict({f: entry[f] for f in st.FIELDS}, kl=kl), entry["__meta__"])
+    store.put(key, dict({f: entry[f] for f in sf.FIELDS}, kl=kl), entry["__meta__"])
     checked, bad = st.verify(path, n_photos=4, keys=[key])
     assert checked == 1 and len(bad) == 1 and bad[0].fields == ["kl"]
     assert 9e-4 < bad[0].max_kl_error < 1.1e-3
@@ -348,7 +349,7 @@ sys.path.insert(0, {tests!r})
 from reference import small_vit
 from dsm_lite import sweeps
 from dsm_lite.data import ImageSet
-from dsm_lite.store import book_store
+from dsm_lite.store_format import book_store
 g = torch.Generator().manual_seed(1)
 x, y = torch.randn(6, 3, 64, 64, generator=g), torch.randint(0, 10, (6,), generator=g)
 photos = ImageSet("imagenet-sample", x, y, [f"imagenet-sample/fake_{{i}}.JPEG" for i in range(6)], [])
@@ -361,7 +362,7 @@ assert not df.cached.any()
     out = tmp_path / "store.npz"
     out.write_bytes(b"an old store, replaced only when the rebuild succeeds")
     st.rebuild([path], out=out)
-    assert len(st.ResultStore(out)) == 3 + 1
+    assert len(sf.ResultStore(out)) == 3 + 1
     assert "DSM_LITE_RESULTS" not in os.environ  # the recording mode ends with the rebuild
     assert not list(tmp_path.glob(".rebuild-*"))
     # a notebook that fails leaves the old store in place, and no temporary file behind
@@ -374,7 +375,7 @@ assert not df.cached.any()
 
 def test_a_sweep_the_store_serves_decodes_no_photo(vit, photos, tmp_path):
     path = tmp_path / "store.npz"
-    computed = _sweep(vit, photos, st.ResultStore(path, mode="record"))
+    computed = _sweep(vit, photos, sf.ResultStore(path, mode="record"))
     decoded = []
 
     def decode(paths):
@@ -382,9 +383,9 @@ def test_a_sweep_the_store_serves_decodes_no_photo(vit, photos, tmp_path):
         return photos.images[[photos.paths.index(p) for p in paths]]
 
     lazy = ImageSet(photos.name, None, photos.labels, photos.paths, [], decode=decode, shape=photos.shape)
-    served = _sweep(vit, lazy, st.ResultStore(path))
+    served = _sweep(vit, lazy, sf.ResultStore(path))
     assert served.cached.all() and decoded == [] and lazy.decoded == 0
     _same_rows(served, computed)
     # an entry the store lacks decodes the photos, once
-    more = _sweep(vit, lazy, st.ResultStore(path), configs=[dict(method="tome", r=2)])
+    more = _sweep(vit, lazy, sf.ResultStore(path), configs=[dict(method="tome", r=2)])
     assert not more.cached.any() and sorted(decoded) == sorted(photos.paths)

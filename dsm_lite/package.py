@@ -18,11 +18,11 @@ GROUPS = {
     **dict.fromkeys(("merging", "windows", "schedules", "patching", "measure", "devices", "numerics",
                      "fused_merge", "triton_kernels"),
                     "engine: merging, schedules, cost"),
-    **dict.fromkeys(("models", "data", "_assets"), "models and photos"),
-    **dict.fromkeys(("evaluation", "sweeps", "store", "stats", "compare", "claims", "probes", "grid"),
+    **dict.fromkeys(("models", "data", "assets", "progress"), "models and photos"),
+    **dict.fromkeys(("evaluation", "sweeps", "store", "store_format", "stats", "compare", "claims", "probes"),
                     "analysis"),
     **dict.fromkeys(("plots", "matching_steps"), "figures"),
-    "_package": "this map",
+    "package": "this map",
 }
 
 
@@ -31,7 +31,7 @@ def _tree(module: str) -> ast.Module:
 
 
 def modules() -> List[str]:
-    """The package's modules (private ones included, ``__init__`` excluded), sorted."""
+    """The package's modules (``__init__`` excluded), sorted."""
     return sorted(p.stem for p in PACKAGE_DIR.glob("*.py") if p.stem != "__init__")
 
 

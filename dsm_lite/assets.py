@@ -34,11 +34,13 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional
 from tqdm import tqdm
 
 __all__ = [
-    "AssetNotFoundError", "ChecksumError", "DownloadError", "OfflineError",
+    "DEFAULT_MODEL", "AssetNotFoundError", "ChecksumError", "DownloadError", "OfflineError",
     "DownloadsFailedError", "assets_dir", "cache_dir", "manifest", "sha256_file", "fetch", "fetch_many",
 ]
 
 MANIFEST_DIR = Path(__file__).parent / "manifests"
+#: the book's model: the one model whose weights dsm_lite's manifest lists (``manifests/weights.sha256``)
+DEFAULT_MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 
 # Download policy (module constants so tests and odd networks can adjust them).
 DEFAULT_WORKERS = 16     # concurrent downloads; $DSM_LITE_DOWNLOAD_WORKERS overrides
