@@ -16,16 +16,7 @@ BUDGET=${BUDGET:-480}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 KINETO_LOG_LEVEL=5 PYTHONHASHSEED=0
 start=$(date +%s)
-step() {  # step NAME SECONDS command...
-  local name=$1 need=$2; shift 2
-  local left=$(( BUDGET - ($(date +%s) - start) ))
-  if [ "$left" -lt "$need" ]; then echo "== $name: skipped ($left s left, needs $need)"; return; fi
-  echo "== $name (up to $left s)"
-  local t0; t0=$(date +%s)
-  timeout "$left" "$@" > "$OUT/$name.txt" 2>&1
-  echo "== $name: exit $?, $(( $(date +%s) - t0 )) s"
-  tail -n 3 "$OUT/$name.txt"
-}
+source benchmarks/gpu_steps.sh
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
 step prop-attn 60 python benchmarks/prop_attn.py --batch-sizes 1 32 256
 step precision-fp16 60 python benchmarks/precision.py --device cuda --amp fp16

@@ -13,11 +13,19 @@
 # Each step writes OUT/<step>.txt as it goes, runs under its own `timeout`, and is skipped
 # when less than its budget is left. STEPS picks steps (default: every step but nbval).
 #
-# On the device (see benchmarks/gpu_pack.sh for the carried folders):
-#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpuwhl/*.whl &&
-#   export PYTHONPATH=/tmp/site:$PWD DSM_LITE_ASSETS=$PWD/.gpuassets &&
-#   STEPS=nbval BUDGET=540 OUT=$OUT bash benchmarks/gpu_issue24.sh      # first call
-#   BUDGET=540 OUT=$OUT bash benchmarks/gpu_issue24.sh                  # second call
+# On the device: three calls to one warm machine, back to back (it is given back 30 s after a
+# call), after benchmarks/gpu_pack.sh here; /tmp and ignored folders stay between calls.
+#  1. carry [".gpustage"] (weights, wheels, 64 photos), about 2 minutes:
+#     mkdir -p /tmp/stage && cp -r .gpustage/. /tmp/stage/ && python3 -m pip install -q --no-index
+#     --no-deps --no-compile --target /tmp/site /tmp/stage/whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+#     && bash benchmarks/gpu_assets.sh /tmp/assets /tmp/stage/assets && DSM_LITE_ASSETS=/tmp/assets
+#     STEPS=exactness BUDGET=200 OUT=$OUT bash benchmarks/gpu_issue24.sh
+#  2. carry [".gpubook"] (the chapters' photos), the book under nbval:
+#     export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/gpu_assets.sh /tmp/assets .gpubook &&
+#     DSM_LITE_ASSETS=/tmp/assets STEPS=nbval BUDGET=500 OUT=$OUT bash benchmarks/gpu_issue24.sh
+#  3. no carry, the timings with what is left:
+#     export PYTHONPATH=/tmp/site:$PWD DSM_LITE_ASSETS=/tmp/assets && BUDGET=500 OUT=$OUT
+#     STEPS="profile paper-fp32 paper-fp16 ours compiled" bash benchmarks/gpu_issue24.sh
 # Rehearsal on the CPU (interpreter, tiny settings): DEVICE=cpu QUICK=1 bash benchmarks/gpu_issue24.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -30,24 +38,15 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 KINETO_LOG_LEVEL=5 PYTHONHASHSEED=0
 if [ "$DEVICE" = cpu ]; then export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""; fi
 start=$(date +%s)
-wanted() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
-step() {  # step NAME SECONDS command...
-  local name=$1 need=$2; shift 2
-  wanted "$name" || return 0
-  local left=$(( BUDGET - ($(date +%s) - start) ))
-  if [ "$left" -lt "$need" ]; then echo "== $name: skipped ($left s left, needs $need)"; return; fi
-  echo "== $name (up to $left s)"
-  local t0; t0=$(date +%s)
-  timeout "$left" "$@" > "$OUT/$name.txt" 2>&1
-  echo "== $name: exit $?, $(( $(date +%s) - t0 )) s"
-  tail -n 4 "$OUT/$name.txt"
-}
+PY=$(command -v python || command -v python3)   # the device image has python3
+TAIL=4
+source benchmarks/gpu_steps.sh
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU ($DEVICE)"
-  python -c "import torch, timm, triton; print('torch', torch.__version__, 'timm', timm.__version__, 'triton', triton.__version__)"
+  "$PY" -c "import torch, timm, triton; print('torch', torch.__version__, 'timm', timm.__version__, 'triton', triton.__version__)"
   git log -1 --format='commit %h %cd' 2>/dev/null; } | tee "$OUT/device.txt"
 
 MODELS=(vit_base_patch16_224 deit_small_patch16_224)
-BENCH=(python benchmarks/throughput.py --device "$DEVICE" --no-profile --backend eager triton
+BENCH=("$PY" benchmarks/throughput.py --device "$DEVICE" --no-profile --backend eager triton
        --methods tome spatial dsm)
 if [ "$DEVICE" = cuda ]; then BENCH+=(--cuda-graph); fi
 PAPER=(--batch-sizes 32 --runs 50 --warmup 5 --r 8 16 20)
@@ -63,15 +62,15 @@ if [ "$QUICK" = 1 ]; then
   COMPILED=(--batch-sizes 2 --runs 1 --warmup 1 --r 8 --compile-mode default)
 fi
 
-step nbval 300 python -m pytest "${NBVAL[@]}" -q -p no:cacheprovider --nbval --nbval-current-env \
+step nbval 300 "$PY" -m pytest "${NBVAL[@]}" -q -p no:cacheprovider --nbval --nbval-current-env \
   --nbval-sanitize-with book/nbval_sanitize.cfg
-step exactness 60 python benchmarks/fused_exactness.py --device "$DEVICE" "${EXACT[@]}"
-step profile 60 python benchmarks/gpu_profile.py --device "$DEVICE" --models "${MODELS[0]}" \
+step exactness 60 "$PY" benchmarks/fused_exactness.py --device "$DEVICE" "${EXACT[@]}"
+step profile 60 "$PY" benchmarks/gpu_profile.py --device "$DEVICE" --models "${MODELS[0]}" \
   --backend eager triton "${PROFILE[@]}"
 step paper-fp32 90 "${BENCH[@]}" --models "${MODELS[@]}" "${PAPER[@]}"
 step paper-fp16 90 "${BENCH[@]}" --amp fp16 --models "${MODELS[@]}" "${PAPER[@]}"
 step ours 90 "${BENCH[@]}" --amp fp16 --models "${MODELS[@]}" "${OURS[@]}"
-step compiled 120 python benchmarks/throughput.py --device "$DEVICE" --no-profile --no-oracle --compile \
+step compiled 120 "$PY" benchmarks/throughput.py --device "$DEVICE" --no-profile --no-oracle --compile \
   --compile-mode reduce-overhead --amp fp16 --backend eager triton --methods dsm --models "${MODELS[0]}" \
   "${COMPILED[@]}"
 echo "== all done in $(( $(date +%s) - start )) s; results in $OUT"

@@ -257,6 +257,18 @@ def _to_bf16(v):
 
 
 @triton.jit
+def _kth_source(order_ptr, size_ptr, s_sb, s_sn, b, R, start, count, live, k, HAS_SIZE: tl.constexpr):
+    """The k-th source of each output row: (has one, its token, its size; 0 where none)."""
+    m = live & (k < count)
+    src = tl.load(order_ptr + b * R + start + k, mask=m, other=0)
+    if HAS_SIZE:
+        s = tl.load(size_ptr + b * s_sb + src * s_sn, mask=m, other=0.0)
+    else:
+        s = tl.where(m, 1.0, 0.0)
+    return m, src, s
+
+
+@triton.jit
 def merge_kernel(x_ptr, s_xb, s_xn, s_xc, size_ptr, s_sb, s_sn, keep_ptr, start_ptr, count_ptr,
                  order_ptr, out_ptr, size_out_ptr, K, R, C,
                  HAS_SIZE: tl.constexpr, WIDE_SUM: tl.constexpr, BF16_OUT: tl.constexpr,
@@ -275,12 +287,7 @@ def merge_kernel(x_ptr, s_xb, s_xn, s_xc, size_ptr, s_sb, s_sn, keep_ptr, start_
         total = tl.full([BLOCK_R], 1.0, tl.float32)
     most = tl.max(count, axis=0)
     for k in range(0, most):  # the destination's new size first: every share divides by it
-        m = live & (k < count)
-        src = tl.load(order_ptr + b * R + start + k, mask=m, other=0)
-        if HAS_SIZE:
-            s = tl.load(size_ptr + b * s_sb + src * s_sn, mask=m, other=0.0)
-        else:
-            s = tl.where(m, 1.0, 0.0)
+        m, src, s = _kth_source(order_ptr, size_ptr, s_sb, s_sn, b, R, start, count, live, k, HAS_SIZE)
         total += s
     mask2 = live[:, None] & cmask[None, :]
     x_d = tl.load(x_ptr + b * s_xb + tok[:, None] * s_xn + chans[None, :] * s_xc, mask=mask2,
@@ -290,12 +297,7 @@ def merge_kernel(x_ptr, s_xb, s_xn, s_xc, size_ptr, s_sb, s_sn, keep_ptr, start_
     else:  # float32: pulls added one by one into the destination, as index_add_ does
         acc = x_d
     for k in range(0, most):
-        m = live & (k < count)
-        src = tl.load(order_ptr + b * R + start + k, mask=m, other=0)
-        if HAS_SIZE:
-            s = tl.load(size_ptr + b * s_sb + src * s_sn, mask=m, other=0.0)
-        else:
-            s = tl.where(m, 1.0, 0.0)
+        m, src, s = _kth_source(order_ptr, size_ptr, s_sb, s_sn, b, R, start, count, live, k, HAS_SIZE)
         share = tl.div_rn(s, total)
         x_i = tl.load(x_ptr + b * s_xb + src[:, None] * s_xn + chans[None, :] * s_xc,
                       mask=m[:, None] & cmask[None, :], other=0.0).to(tl.float32)
