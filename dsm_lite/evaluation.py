@@ -17,7 +17,7 @@ KL(dense || merged) measure exactly what merging changes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,10 +25,9 @@ from torch import Tensor, nn
 
 from .models import predict
 from .numerics import widen
-from .patching import patch, patch_settings, unpatch
+from .patching import unpatched
 
-__all__ = ["EvalResult", "METRIC_FIELDS", "evaluate", "dense_logits", "per_image_metrics", "predict_among",
-           "repatch"]
+__all__ = ["EvalResult", "METRIC_FIELDS", "evaluate", "dense_logits", "per_image_metrics", "predict_among"]
 
 #: sweep column -> the :class:`EvalResult` field holding its per-photo values (:meth:`EvalResult.per_photo`)
 METRIC_FIELDS = {"top1": "correct1", "top5": "correct5", "agreement": "agree", "kl": "kl"}
@@ -117,34 +116,10 @@ class EvalResult:
 
 
 # --------------------------------------------------------------------------- forward passes
-class _Unpatched:
-    """Context manager: the model without merging inside, patched again as before on exit."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.saved = None
-
-    def __enter__(self) -> nn.Module:
-        self.saved = patch_settings(self.model)
-        unpatch(self.model)
-        return self.model
-
-    def __exit__(self, *exc) -> None:
-        repatch(self.model, self.saved)
-
-
-def repatch(model: nn.Module, settings: Optional[Dict[str, Any]]) -> None:
-    """Unpatch ``model``, then patch it with ``settings`` (``dsm_lite.patch`` keywords, as
-    :func:`dsm_lite.patching.patch_settings` returns them) unless they are None."""
-    unpatch(model)
-    if settings is not None:
-        patch(model, **settings)
-
-
 def dense_logits(model: nn.Module, images, batch_size: int = 64, progress: bool = True) -> Tensor:
     """Logits (N, K) float32 on CPU of the model *without* merging (temporarily unpatched if
     patched); ``images`` as in :func:`dsm_lite.models.predict` (any device)."""
-    with _Unpatched(model):
+    with unpatched(model):
         return predict(model, images, batch_size, progress, desc="dense")
 
 

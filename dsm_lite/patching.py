@@ -1,12 +1,14 @@
 """Patch a timm VisionTransformer in place so that its blocks merge tokens, and undo it.
 
 ``patch`` swaps the classes of the model, its blocks and their attention modules for thin
-subclasses (the ToMe recipe), so parameters, hooks and ``state_dict`` stay untouched, and
-``unpatch`` swaps them back. Everything one forward pass needs (token sizes, source
-tracking, anchors of the tokens on the patch grid for joint windows, the similarity
-feature of the current block) lives in one :class:`MergeState` shared by the model and its
-blocks; it is reset wherever a forward starts (``forward_features``, ``forward_intermediates``), so calling
-them in any order never sees stale sizes.
+subclasses (the ToMe recipe): :class:`DSMVisionTransformer`, :class:`DSMBlock` and
+:class:`DSMAttention` in front of timm's classes, each docstring listing its modifications.
+Parameters, hooks and ``state_dict`` stay untouched, and ``unpatch`` swaps the classes back.
+Everything one forward pass needs (token sizes, source tracking, anchors of the tokens on
+the patch grid for joint windows, the similarity feature of the current block) lives in one
+:class:`MergeState` shared by the model and its blocks; it is reset wherever a forward
+starts (``forward_features``, ``forward_intermediates``), so calling them in any order never
+sees stale sizes.
 
 A patched block computes, for ``x`` of shape (B, N, C)::
 
@@ -16,7 +18,8 @@ A patched block computes, for ``x`` of shape (B, N, C)::
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import contextlib
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +76,8 @@ class _Prepared:
                                                   num_prefix)
 
 __all__ = ["MergeState", "patch", "unpatch", "is_patched", "patch_settings", "schedule", "attention_bias", "attention_qkv",
-           "trace_sources", "trace_sources_per_block", "trace_windows", "SUPPORTED_POOLS", "BACKENDS"]
+           "trace_sources", "trace_sources_per_block", "trace_windows", "SUPPORTED_POOLS", "BACKENDS", "repatch", "unpatched",
+           "DSMVisionTransformer", "DSMBlock", "DSMAttention"]
 
 SUPPORTED_POOLS = ("token", "avg", "")
 #: where a merging block's matching and merge run: ``"eager"`` PyTorch ops
@@ -195,6 +199,26 @@ class MergeState:
         if step.mode == "local":
             return self.merge_in_windows(index, metric)
         return self.merge_globally(metric, step.r)
+
+    def merge(self, index: int, x: Tensor, metric: Optional[Tensor]) -> Tensor:
+        """Block ``index``'s merge of x (B, N, C) by ``metric``: (B, N - r, C). The sizes, the
+        source map (when tracing) and the anchors (joint windows) follow it."""
+        unmerged, anchors = x, None
+        if self.uses_triton(x):  # anchors: the kernel's own, for joint windows
+            x, size, merge, anchors = self.merge_fused(index, x, metric)
+        else:
+            merge = self.match(index, x, metric)
+            x, size = merge_wavg(merge, x, self.size)
+        if self.trace_source:
+            self.source = merge_source(merge, unmerged, self.source)
+        if self.anchors is not None:
+            if index <= self.prepared.last_anchor_block:
+                p = self.num_prefix
+                self.anchors = anchors if anchors is not None else self.anchors.gather(1, merge.keep[:, p:] - p)
+            else:  # no local block reads them any more
+                self.anchors = None
+        self.size = size
+        return x
 
     def feature(self, x: Tensor, metric: Optional[Tensor]) -> Tensor:
         """The similarity feature: ``metric`` as the attention gave it, or for
@@ -331,129 +355,144 @@ def sized_sdpa(q: Tensor, k: Tensor, v: Tensor, size: Optional[Tensor],
                                           dropout_p=dropout_p)
 
 
-def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
-                       is_causal: bool = False):
-    """timm ``Attention.forward`` plus proportional attention's size bias.
+class DSMAttention(Attention):
+    """timm ``Attention`` that merges tokens.
 
-    Returns the output (B, N, C); in a block that merges, ``(output, metric)`` with the
-    similarity feature (B, N, head_dim), the heads' mean of ``q``, ``k`` or ``v`` (None for
-    the other features), as ToMe's attention does.
+    Modifications:
+
+    - proportional attention: log(size) of every token enters the softmax as an additive
+      bias (``sized_sdpa``; the explicit path adds :meth:`MergeState.attn_bias`);
+    - in a block that merges (``_dsm_wants_metric``), it returns ``(output, metric)``: the
+      similarity feature, the heads' mean of ``q``, ``k`` or ``v``, as ToMe's attention does.
     """
-    st: MergeState = self._dsm_state
-    b, n, _ = x.shape
-    attn_dim = getattr(self, "attn_dim", self.num_heads * self.head_dim)
-    gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-    q, k, v = attention_qkv(self, x)
-    size = st.size if st.prop_attn else None
-    if self.fused_attn:
-        out = sized_sdpa(q, k, v, size, attn_mask=attn_mask, is_causal=is_causal,
-                         dropout_p=self.attn_drop.p if self.training else 0.0)
-    else:
-        bias = st.attn_bias(q.dtype)
-        if attn_mask is not None:
-            bias = attn_mask if bias is None else attn_mask + bias
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            attn = attn + bias
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        out = attn @ v
-    out = out.transpose(1, 2).reshape(b, n, attn_dim)
-    out = getattr(self, "norm", nn.Identity())(out)
-    if gate is not None:
-        out = out * gate
-    out = self.proj_drop(self.proj(out))
-    if not self._dsm_wants_metric:
-        return out
-    # a merging block: return the similarity feature with the output, as ToMe does
-    feature = st.options["feature"]
-    metric = None
-    if feature in ("k", "q", "v"):
-        metric = {"k": k, "q": q, "v": v}[feature]
-        # half precision: average the heads straight into float32 (matching scores there)
-        metric = metric.mean(dim=1, dtype=torch.float32) if metric.dtype in HALF_DTYPES else metric.mean(dim=1)
-    return out, metric
 
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
+        """timm ``Attention.forward`` plus proportional attention's size bias.
 
-def _block_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
-                   is_causal: bool = False) -> Tensor:
-    st: MergeState = self._dsm_state
-    step = st.schedule.blocks[self._dsm_index]
-    merging = step.r > 0  # False in the delay (the first D blocks) and wherever r is 0
-    if (attn_mask is not None or is_causal) and (merging or st.size is not None):
-        raise ValueError("token merging cannot be combined with attn_mask or is_causal")
-    self.attn._dsm_wants_metric = merging
-    if merging and x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"token merging runs on {', '.join(map(str, FLOAT_DTYPES))} activations; "
-                        f"got {x.dtype}")
-    attn_out = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
-    metric = None
-    if merging:  # the attention returned (output, its q/k/v feature) for this block
-        attn_out, metric = attn_out
-        if st.options["feature"] == "x":
-            metric = x  # the block input, before attention
-    x = x + self.drop_path1(self.ls1(attn_out))
-    if merging:
-        unmerged, anchors = x, None
-        if st.uses_triton(x):  # anchors: the kernel's own, for joint windows
-            x, size, merge, anchors = st.merge_fused(self._dsm_index, x, metric)
+        Returns the output (B, N, C); in a block that merges, ``(output, metric)`` with the
+        similarity feature (B, N, head_dim), the heads' mean of ``q``, ``k`` or ``v`` (None for
+        the other features), as ToMe's attention does.
+        """
+        st: MergeState = self._dsm_state
+        b, n, _ = x.shape
+        attn_dim = getattr(self, "attn_dim", self.num_heads * self.head_dim)
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        q, k, v = attention_qkv(self, x)
+        size = st.size if st.prop_attn else None
+        if self.fused_attn:
+            out = sized_sdpa(q, k, v, size, attn_mask=attn_mask, is_causal=is_causal,
+                             dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
-            merge = st.match(self._dsm_index, x, metric)
-            x, size = merge_wavg(merge, x, st.size)
-        if st.trace_source:
-            st.source = merge_source(merge, unmerged, st.source)
-        if st.anchors is not None:
-            if self._dsm_index <= st.prepared.last_anchor_block:
-                p = st.num_prefix
-                st.anchors = anchors if anchors is not None else st.anchors.gather(1, merge.keep[:, p:] - p)
-            else:  # no local block reads them any more
-                st.anchors = None
-        st.size = size
-    return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+            bias = st.attn_bias(q.dtype)
+            if attn_mask is not None:
+                bias = attn_mask if bias is None else attn_mask + bias
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                attn = attn + bias
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            out = attn @ v
+        out = out.transpose(1, 2).reshape(b, n, attn_dim)
+        out = getattr(self, "norm", nn.Identity())(out)
+        if gate is not None:
+            out = out * gate
+        out = self.proj_drop(self.proj(out))
+        if not self._dsm_wants_metric:
+            return out
+        # a merging block: return the similarity feature with the output, as ToMe does
+        feature = st.options["feature"]
+        metric = None
+        if feature in ("k", "q", "v"):
+            metric = {"k": k, "q": q, "v": v}[feature]
+            # half precision: average the heads straight into float32 (matching scores there)
+            metric = metric.mean(dim=1, dtype=torch.float32) if metric.dtype in HALF_DTYPES else metric.mean(dim=1)
+        return out, metric
 
 
-def _forward_features(self, x: Tensor, *args, **kwargs) -> Tensor:
-    self._dsm_state.reset(self, x)
-    return self._dsm_original.forward_features(self, x, *args, **kwargs)
+class DSMBlock(Block):
+    """timm ``Block`` that merges tokens after its attention.
+
+    Modifications, for ``x`` (B, N, C)::
+
+        x = x + ls1(attn(norm1(x)))     # DSMAttention: size bias; the similarity feature
+        x, size = merge(x, size)        # r tokens fewer, per the schedule (eager or fused)
+        x = x + ls2(mlp(norm2(x)))
+
+    Source maps and joint windows' anchors follow each merge.
+    """
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
+                is_causal: bool = False) -> Tensor:
+        st: MergeState = self._dsm_state
+        step = st.schedule.blocks[self._dsm_index]
+        merging = step.r > 0  # False in the delay (the first D blocks) and wherever r is 0
+        if (attn_mask is not None or is_causal) and (merging or st.size is not None):
+            raise ValueError("token merging cannot be combined with attn_mask or is_causal")
+        self.attn._dsm_wants_metric = merging
+        if merging and x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"token merging runs on {', '.join(map(str, FLOAT_DTYPES))} activations; "
+                            f"got {x.dtype}")
+        attn_out = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+        metric = None
+        if merging:  # the attention returned (output, its q/k/v feature) for this block
+            attn_out, metric = attn_out
+            if st.options["feature"] == "x":
+                metric = x  # the block input, before attention
+        x = x + self.drop_path1(self.ls1(attn_out))
+        if merging:
+            x = st.merge(self._dsm_index, x, metric)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-def _forward_intermediates(self, x: Tensor, *args, **kwargs):
-    st: MergeState = self._dsm_state
-    fmt = kwargs.get("output_fmt", args[4] if len(args) > 4 else "NCHW")
-    if fmt == "NCHW" and any(st.schedule.r):
-        raise ValueError("token merging changes the number of tokens, so intermediates cannot "
-                         "be reshaped to NCHW; pass output_fmt='NLC'")
-    st.reset(self, x)
-    return self._dsm_original.forward_intermediates(self, x, *args, **kwargs)
+class DSMVisionTransformer(VisionTransformer):
+    """timm ``VisionTransformer`` that merges tokens.
+
+    Modifications:
+
+    - ``forward_features`` and ``forward_intermediates`` reset the per-forward merging state
+      (sizes, sources, anchors, the schedule for this grid) before the blocks run;
+    - ``forward_intermediates`` refuses ``output_fmt="NCHW"`` when tokens merge;
+    - ``forward_head`` with ``global_pool="avg"`` averages tokens weighted by their sizes.
+    """
+
+    def forward_features(self, x: Tensor, *args, **kwargs) -> Tensor:
+        self._dsm_state.reset(self, x)
+        return super().forward_features(x, *args, **kwargs)
+
+    def forward_intermediates(self, x: Tensor, *args, **kwargs):
+        st: MergeState = self._dsm_state
+        fmt = kwargs.get("output_fmt", args[4] if len(args) > 4 else "NCHW")
+        if fmt == "NCHW" and any(st.schedule.r):
+            raise ValueError("token merging changes the number of tokens, so intermediates cannot "
+                             "be reshaped to NCHW; pass output_fmt='NLC'")
+        st.reset(self, x)
+        return super().forward_intermediates(x, *args, **kwargs)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        st: MergeState = self._dsm_state
+        if self.global_pool == "avg" and st.size is not None:
+            # a merged token stands for `size` patches: pool as if they were all still there
+            start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
+            w = st.size[:, start:]
+            x = ((x[:, start:] * w).sum(dim=1) / w.sum(dim=1)).to(x.dtype)
+            x = self.head_drop(self.fc_norm(x))
+            return x if pre_logits else self.head(x)
+        return super().forward_head(x, pre_logits=pre_logits)
 
 
-def _forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-    st: MergeState = self._dsm_state
-    if self.global_pool == "avg" and st.size is not None:
-        # a merged token stands for `size` patches: pool as if they were all still there
-        start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
-        w = st.size[:, start:]
-        x = ((x[:, start:] * w).sum(dim=1) / w.sum(dim=1)).to(x.dtype)
-        x = self.head_drop(self.fc_norm(x))
-        return x if pre_logits else self.head(x)
-    return self._dsm_original.forward_head(self, x, pre_logits=pre_logits)
+_CLASS_CACHE: Dict[Tuple[type, type], type] = {}
+for _dsm, _timm in ((DSMVisionTransformer, VisionTransformer), (DSMBlock, Block), (DSMAttention, Attention)):
+    _dsm._dsm_original = _timm  # what unpatch restores
 
 
-_CLASS_CACHE: Dict[Tuple[type, str], type] = {}
-
-
-def _patched_class(cls: type, kind: str) -> type:
-    key = (cls, kind)
+def _patched_class(cls: type, dsm: type) -> type:
+    """The class a ``cls`` module becomes: ``dsm`` itself for timm's own class (``DSMBlock``
+    for ``Block``); for a subclass of it, ``DSM<name>`` with ``dsm``'s modifications in front
+    of the subclass's own (one class per pair, remembered, so repatching makes none anew)."""
+    if cls is dsm._dsm_original:
+        return dsm
+    key = (cls, dsm)
     if key not in _CLASS_CACHE:
-        methods = {
-            "model": dict(forward_features=_forward_features,
-                          forward_intermediates=_forward_intermediates,
-                          forward_head=_forward_head),
-            "block": dict(forward=_block_forward),
-            "attn": dict(forward=_attention_forward),
-        }[kind]
-        # the model-level overrides call `self._dsm_original.<method>` explicitly, since
-        # `super()` has no class cell in functions defined outside a class body
-        _CLASS_CACHE[key] = type(f"Merging{cls.__name__}", (cls,), dict(methods, _dsm_original=cls))
+        _CLASS_CACHE[key] = type(f"DSM{cls.__name__}", (dsm, cls), dict(_dsm_original=cls, __module__=__name__))
     return _CLASS_CACHE[key]
 
 
@@ -550,12 +589,12 @@ def patch(
     if is_patched(model):
         unpatch(model)
     model._dsm_state = state
-    model.__class__ = _patched_class(model.__class__, "model")
+    model.__class__ = _patched_class(model.__class__, DSMVisionTransformer)
     for i, block in enumerate(model.blocks):
         block._dsm_state, block._dsm_index = state, i
         block.attn._dsm_state, block.attn._dsm_wants_metric = state, False
-        block.__class__ = _patched_class(block.__class__, "block")
-        block.attn.__class__ = _patched_class(block.attn.__class__, "attn")
+        block.__class__ = _patched_class(block.__class__, DSMBlock)
+        block.attn.__class__ = _patched_class(block.attn.__class__, DSMAttention)
     return model
 
 
@@ -580,6 +619,26 @@ def unpatch(model: nn.Module) -> nn.Module:
     model.__class__ = model._dsm_original
     del model._dsm_state
     return model
+
+
+def repatch(model: nn.Module, settings: Optional[Dict[str, Any]]) -> None:
+    """Unpatch ``model``, then patch it with ``settings`` (``patch`` keywords, as
+    :func:`patch_settings` returns them) unless they are None."""
+    unpatch(model)
+    if settings is not None:
+        patch(model, **settings)
+
+
+@contextlib.contextmanager
+def unpatched(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily dense: ``model`` without merging inside the ``with`` block, patched again
+    exactly as before on exit, also when the block raises (a no-op pair on an unpatched model)."""
+    saved = patch_settings(model)
+    unpatch(model)
+    try:
+        yield model
+    finally:
+        repatch(model, saved)
 
 
 def schedule(model: nn.Module, method: Optional[str] = None, r: Optional[RSpec] = None,

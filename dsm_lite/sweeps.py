@@ -31,12 +31,12 @@ from . import stats
 from .assets import atomic_write, cache_dir
 from .data import data_config, image_tensor
 from .devices import model_device
-from .evaluation import METRIC_FIELDS, EvalResult, dense_logits, per_image_metrics, repatch
+from .evaluation import METRIC_FIELDS, EvalResult, dense_logits, per_image_metrics
 from .measure import interleaved_throughput
 from .models import predict, weights_fingerprint
 from .numerics import widen
 from .progress import progress_bar
-from .patching import patch, patch_settings, unpatch
+from .patching import patch, repatch, unpatch, unpatched
 from .patching import schedule as make_schedule
 from .store_format import key_blob, result_key
 
@@ -199,15 +199,11 @@ def sweep(model: nn.Module, images, configs: Sequence[Dict[str, Any]],
         ``result``: the per-photo :class:`EvalResult` (for :func:`dsm_lite.stats.paired_bootstrap`).
     """
     sources = _Sources(model, images, labels, dense, _SweepCache(cache_dir), store, batch_size, progress)
-    saved = patch_settings(model)
-    unpatch(model)  # unpatched while the sweep runs; restored below
-    try:
+    with unpatched(model):  # the sweep patches each config itself; the caller's patch comes back
         configs = list(configs)
         rows = _rows(sources, configs, keep_logits, n_boot, seed)
         if throughput:
             _add_throughput(model, configs, rows, throughput)
-    finally:
-        repatch(model, saved)
     return pd.DataFrame(rows)
 
 

@@ -671,3 +671,28 @@ def test_training_step_through_a_patched_model(method):
     model(torch.randn(2, 3, *model.patch_embed.img_size)).logsumexp(-1).sum().backward()
     grad = model.blocks[0].attn.qkv.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_unpatched_is_temporarily_dense_and_restores_the_patch_even_on_error():
+    """patching.unpatched: dense inside (bit for bit the unpatched model), the same patch
+    (options and outputs) after, also when the block raises; a no-op on an unpatched model."""
+    model = small_vit(seed=0)
+    x = images(2)
+    with torch.no_grad():
+        dense = model(x)
+    patch(model, "dsm", r=5, window=3, delay=1)
+    settings = dsm_lite.patching.patch_settings(model)
+    with torch.no_grad():
+        merged = model(x)
+        with dsm_lite.unpatched(model) as inside:
+            assert inside is model and not dsm_lite.is_patched(model)
+            assert torch.equal(model(x), dense)
+        assert dsm_lite.patching.patch_settings(model) == settings and torch.equal(model(x), merged)
+        with pytest.raises(RuntimeError, match="boom"):
+            with dsm_lite.unpatched(model):
+                raise RuntimeError("boom")
+        assert dsm_lite.patching.patch_settings(model) == settings
+    unpatch(model)
+    with dsm_lite.unpatched(model):
+        pass
+    assert not dsm_lite.is_patched(model)
