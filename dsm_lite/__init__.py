@@ -17,7 +17,7 @@ from typing import Any
 from .devices import DeviceMismatchError, DeviceUnavailableError
 from .merging import (Merge, bipartite_soft_matching, merge_source, merge_wavg, window_quota_matching,
                       window_soft_matching)
-from .schedules import BlockPlan, ModelShape, Schedule, closest_macs, default_delay, delayed_tome_r, parse_r
+from .schedules import BlockPlan, MergeOptions, ModelShape, Schedule, closest_macs, default_delay, delayed_tome_r, parse_r
 from .patching import (attention_bias, is_patched, patch, schedule, trace_sources, trace_sources_per_block, unpatch,
                        unpatched)
 from .measure import Throughput, count_macs, interleaved_throughput, measure_throughput, time_breakdown
@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # patching a model
-    "patch", "unpatch", "unpatched", "is_patched", "schedule", "Schedule", "BlockPlan", "default_delay", "parse_r",
+    "patch", "unpatch", "unpatched", "is_patched", "schedule", "Schedule", "BlockPlan", "MergeOptions", "default_delay", "parse_r",
     "ModelShape", "closest_macs", "delayed_tome_r", "trace_sources", "trace_sources_per_block", "attention_bias",
     # the merging primitives (pure functions on tensors)
     "Merge", "bipartite_soft_matching", "window_soft_matching", "window_quota_matching",

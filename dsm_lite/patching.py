@@ -32,7 +32,7 @@ from .devices import to_model
 from .merging import (FLOAT_DTYPES, HALF_DTYPES, Merge, WindowLayout, bipartite_soft_matching,
                       max_reduction, merge_source, merge_wavg, prune_lowest_norm, window_layout,
                       window_quota_matching, window_soft_matching)
-from .schedules import RANDOM_FEATURE_DIM, ModelShape, RSpec, Schedule, plan
+from .schedules import BACKENDS, RANDOM_FEATURE_DIM, MergeOptions, ModelShape, RSpec, Schedule
 from .windows import square_window_ids, window_ids
 
 
@@ -80,34 +80,26 @@ __all__ = ["MergeState", "patch", "unpatch", "is_patched", "patch_settings", "sc
            "DSMVisionTransformer", "DSMBlock", "DSMAttention"]
 
 SUPPORTED_POOLS = ("token", "avg", "")
-#: where a merging block's matching and merge run: ``"eager"`` PyTorch ops
-#: (:mod:`dsm_lite.merging`), ``"triton"`` two fused kernels (:mod:`dsm_lite.fused_merge`),
-#: ``"auto"`` Triton for CUDA tensors of a dtype it takes when it imports, else eager
-BACKENDS = ("auto", "triton", "eager")
 
 
 class MergeState:
     """Per-model merging state, shared by the model and its blocks.
 
-    Attributes set per forward: ``size`` (B, N, 1) tokens per token, ``source`` (B, N, N0)
-    which input tokens each token holds (when tracing), ``anchors`` (B, N - P) raster index
-    of one original patch per token (spatial methods with joint windows).
+    ``options`` is the :class:`~dsm_lite.schedules.MergeOptions` of the patch. Attributes set
+    per forward: ``size`` (B, N, 1) tokens per token, ``source`` (B, N, N0) which input
+    tokens each token holds (when tracing; ``trace_source`` switches it, and the tracing
+    helpers turn it on for one forward), ``anchors`` (B, N - P) raster index of one
+    original patch per token (spatial methods with joint windows).
     """
 
-    def __init__(self, model: nn.Module, method: str, options: dict,
-                 prop_attn: bool, trace_source: bool, seed: int, backend: str = "auto") -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "triton" and not fused.triton_available():
+    def __init__(self, model: nn.Module, options: MergeOptions) -> None:
+        if options.backend == "triton" and not fused.triton_available():
             raise fused.TritonUnavailableError(
                 "backend='triton' needs Triton, which did not import (it ships with CUDA builds "
                 "of torch; `pip install triton`), and torch 2.6 or later; use backend='auto' or 'eager'")
-        self.backend = backend
-        self.method = method
         self.options = options
-        self.prop_attn = prop_attn
-        self.trace_source = trace_source
-        self.seed = seed
+        self.method = options.method
+        self.trace_source = options.trace_source
         self.num_prefix = model.num_prefix_tokens
         self._shape = ModelShape.from_model(model)
         self._schedules: Dict[Tuple[int, int], Schedule] = {}
@@ -133,7 +125,7 @@ class MergeState:
         grid = tuple(int(g) for g in grid)
         if grid not in self._schedules:
             shape = ModelShape(**{**self._shape.__dict__, "grid": grid})
-            self._schedules[grid] = plan(shape, self.method, **self.options)
+            self._schedules[grid] = self.options.plan(shape)
         return self._schedules[grid]
 
     def reset(self, model: nn.Module, images: Tensor) -> None:
@@ -152,7 +144,7 @@ class MergeState:
         self.schedule = self.schedule_for(grid)
         b, device = images.shape[0], images.device
         joint = (self.method in ("spatial", "dsm") and self.schedule.local_blocks
-                 and self.options["windows"] == "joint")
+                 and self.options.windows == "joint")
         self.prepared = None
         if joint and _compiling():
             self.prepared = _Prepared(self.schedule, b, device, self.num_prefix)
@@ -164,12 +156,12 @@ class MergeState:
         if joint:
             n = grid[0] * grid[1]
             self.anchors = torch.arange(n, device=device).expand(b, n)
-        if self.options["feature"] == "random":
-            self.generator = torch.Generator().manual_seed(self.seed)
+        if self.options.feature == "random":
+            self.generator = torch.Generator().manual_seed(self.options.seed)
 
     def attn_bias(self, dtype: Optional[torch.dtype] = None) -> Optional[Tensor]:
         """Proportional attention's additive bias log(size), (B, 1, 1, N), or None."""
-        if not self.prop_attn or self.size is None:
+        if not self.options.prop_attn or self.size is None:
             return None
         return log_size_bias(self.size, dtype or self.size.dtype)
 
@@ -194,7 +186,7 @@ class MergeState:
         """
         step = self.schedule.blocks[index]
         metric = self.feature(x, metric)
-        if self.options["reduction"] == "prune":
+        if self.options.reduction == "prune":
             return prune_lowest_norm(metric, step.r, self.num_prefix)
         if step.mode == "local":
             return self.merge_in_windows(index, metric)
@@ -224,7 +216,7 @@ class MergeState:
         """The similarity feature: ``metric`` as the attention gave it, or for
         ``feature="random"`` (metric None) a draw of (B, N, RANDOM_FEATURE_DIM) on the CPU
         generator (the same draws on every device), moved to the tokens' device."""
-        if self.options["feature"] != "random":
+        if self.options.feature != "random":
             return metric
         shape = (x.shape[0], x.shape[1], RANDOM_FEATURE_DIM)
         return torch.randn(shape, generator=self.generator).to(x.device, x.dtype)
@@ -233,9 +225,9 @@ class MergeState:
         """Whether this forward's merges of tokens x (B, N, C) run the fused Triton kernels:
         always for ``backend="triton"`` (which raises where they cannot run), for
         ``"auto"`` on CUDA tensors of a dtype they take when Triton imports."""
-        if self.backend == "eager":
+        if self.options.backend == "eager":
             return False
-        if self.backend == "auto":
+        if self.options.backend == "auto":
             return (x.is_cuda and x.dtype in fused.KERNEL_DTYPES and x.shape[1] <= fused.MAX_TOKENS
                     and fused.triton_available())
         fused.check_fused(x)
@@ -253,9 +245,9 @@ class MergeState:
         metric = self.feature(x, metric)
         n, p = x.shape[1], self.num_prefix
         kw: dict = {}
-        if self.options["reduction"] == "prune":
+        if self.options.reduction == "prune":
             r, kw["mode"] = min(step.r, max(n - p - 1, 0)), fused.PRUNE
-        elif step.mode == "local" and self.options["windows"] == "paper":
+        elif step.mode == "local" and self.options.windows == "paper":
             r, kw["mode"] = step.r, fused.PAPER
             kw["window_ids"] = self.square_ids(index, x.device)
             kw["quotas"], kw["quota_starts"] = self.quota_tensors(index, x.device)
@@ -286,7 +278,7 @@ class MergeState:
     def merge_in_windows(self, index: int, metric: Tensor) -> Merge:
         """The local phase (spatial merging, DSM): matching only inside each window."""
         step = self.schedule.blocks[index]
-        if self.options["windows"] == "paper":
+        if self.options.windows == "paper":
             # the paper's reading: tokens laid on a square in sequence order, a quota per window
             return window_quota_matching(metric, self.square_ids(index, metric.device),
                                          step.num_windows, step.window * step.window,
@@ -378,7 +370,7 @@ class DSMAttention(Attention):
         attn_dim = getattr(self, "attn_dim", self.num_heads * self.head_dim)
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         q, k, v = attention_qkv(self, x)
-        size = st.size if st.prop_attn else None
+        size = st.size if st.options.prop_attn else None
         if self.fused_attn:
             out = sized_sdpa(q, k, v, size, attn_mask=attn_mask, is_causal=is_causal,
                              dropout_p=self.attn_drop.p if self.training else 0.0)
@@ -399,7 +391,7 @@ class DSMAttention(Attention):
         if not self._dsm_wants_metric:
             return out
         # a merging block: return the similarity feature with the output, as ToMe does
-        feature = st.options["feature"]
+        feature = st.options.feature
         metric = None
         if feature in ("k", "q", "v"):
             metric = {"k": k, "q": q, "v": v}[feature]
@@ -435,7 +427,7 @@ class DSMBlock(Block):
         metric = None
         if merging:  # the attention returned (output, its q/k/v feature) for this block
             attn_out, metric = attn_out
-            if st.options["feature"] == "x":
+            if st.options.feature == "x":
                 metric = x  # the block input, before attention
         x = x + self.drop_path1(self.ls1(attn_out))
         if merging:
@@ -581,11 +573,11 @@ def patch(
     """
     _check_supported(model)
     _check_r(r)
-    options = dict(r=r, delay=delay, window=window, window_growth=window_growth,
-                   local_blocks=local_blocks, feature=feature, reduction=reduction,
-                   prop_attn=prop_attn, windows=windows)
-    # validate before touching the model: a rejected call leaves any previous patch in place
-    state = MergeState(model, method, options, prop_attn, trace_source, seed, backend)
+    # validated here, before the model is touched: a rejected call leaves any previous patch
+    options = MergeOptions(method, r, prop_attn=prop_attn, trace_source=trace_source, feature=feature,
+                           reduction=reduction, delay=delay, window=window, window_growth=window_growth,
+                           local_blocks=local_blocks, windows=windows, seed=seed, backend=backend)
+    state = MergeState(model, options)
     if is_patched(model):
         unpatch(model)
     model._dsm_state = state
@@ -603,9 +595,7 @@ def patch_settings(model: nn.Module) -> Optional[dict]:
     ``patch(model, **patch_settings(model))`` re-creates it), or None when unpatched."""
     if not is_patched(model):
         return None
-    st: MergeState = model._dsm_state
-    return dict(st.options, method=st.method, trace_source=st.trace_source, seed=st.seed,
-                backend=st.backend)
+    return model._dsm_state.options.as_dict()
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -655,9 +645,7 @@ def schedule(model: nn.Module, method: Optional[str] = None, r: Optional[RSpec] 
             raise ValueError("model is not patched: pass method= and r=")
         return model._dsm_state.schedule if grid is None else model._dsm_state.schedule_for(grid)
     _check_supported(model)
-    for name in ("prop_attn", "trace_source", "seed", "backend"):  # no effect on the schedule
-        options.pop(name, None)
-    return plan(ModelShape.from_model(model, grid), method, r if r is not None else 0, **options)
+    return MergeOptions(method, r if r is not None else 0, **options).plan(ModelShape.from_model(model, grid))
 
 
 def attention_bias(module: nn.Module) -> Optional[Tensor]:
@@ -739,7 +727,7 @@ def trace_windows(model: nn.Module, images: Tensor) -> Dict[str, Tensor]:
     if not is_patched(model):
         raise ValueError("trace_windows needs a model patched by dsm_lite.patch")
     st: MergeState = model._dsm_state
-    if st.method not in ("spatial", "dsm") or st.options["windows"] != "joint":
+    if st.method not in ("spatial", "dsm") or st.options.windows != "joint":
         raise ValueError("trace_windows follows anchors, which only joint windows have: patch with "
                          "method='spatial' or 'dsm' and windows='joint'")
     local = [b.index for b in st.schedule_for(st.grid).blocks if b.mode == "local"]

@@ -5,28 +5,33 @@ every method removes a fixed number of tokens per block (with the paper's window
 window's share depends only on the token count and the window size). It says, block by
 block, whether the block merges (``none``, ``local`` inside windows, or ``global``), with
 which windows and per-window quotas, how many tokens go in and out, and the MACs the block
-will cost. :func:`plan` builds it;
+will cost. :class:`MergeOptions` holds every option of a method, validated once, and its
+:meth:`~MergeOptions.plan` builds the schedule (:func:`plan` is the same with keywords);
 ``dsm_lite.patch`` runs exactly this plan, and ``dsm_lite.count_macs`` measures it.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
 from .merging import max_reduction
 from .windows import num_windows, square_layout, square_side, window_quotas
 
-__all__ = ["RSpec", "BlockPlan", "Schedule", "ModelShape", "parse_r", "default_delay", "plan", "delayed_tome_r",
-           "closest_macs"]
+__all__ = ["RSpec", "MergeOptions", "BlockPlan", "Schedule", "ModelShape", "parse_r", "default_delay", "plan",
+           "delayed_tome_r", "closest_macs", "BACKENDS"]
 
 RSpec = Union[int, Sequence[int], Tuple[int, float]]
 METHODS = ("tome", "spatial", "dsm")
 #: window readings of spatial merging and DSM (see :func:`plan`)
 WINDOWS = ("paper", "joint")
 FEATURES = ("k", "q", "v", "x", "random")
+#: where a merging block's matching and merge run: ``"eager"`` PyTorch ops
+#: (:mod:`dsm_lite.merging`), ``"triton"`` two fused kernels (:mod:`dsm_lite.fused_merge`),
+#: ``"auto"`` Triton for CUDA tensors of a dtype it takes when it imports, else eager
+BACKENDS = ("auto", "triton", "eager")
 #: channels of the random similarity feature (the paper's "random" ablation)
 RANDOM_FEATURE_DIM = 64
 
@@ -320,49 +325,97 @@ def plan(
             the current token density (N0 patches at the start, M_j entering block j). Once a
             window covers the whole grid, merging is global for the rest of the network.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if feature not in FEATURES:
-        raise ValueError(f"unknown feature {feature!r}; choose one of {FEATURES}")
-    if reduction not in ("merge", "prune"):
-        raise ValueError(f"reduction must be 'merge' or 'prune', got {reduction!r}")
-    if windows not in WINDOWS:
-        raise ValueError(f"windows must be one of {WINDOWS}, got {windows!r}")
-    if method == "spatial" and delay not in (None, 0):
-        raise ValueError("method='spatial' merges from block 0; use method='dsm' for a delay")
-    if not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be a positive int, got {window!r}")
-    if window_growth < 0:
-        raise ValueError(f"window_growth must be >= 0, got {window_growth}")
-    if delay is None:
-        delay = default_delay(shape.depth) if method == "dsm" else 0
-    if not 0 <= delay:
-        raise ValueError(f"delay must be >= 0, got {delay}")
-    per_block = parse_r(shape.depth, r)
-    per_block = [0 if i < delay else v for i, v in enumerate(per_block)]
+    return MergeOptions(method, r, prop_attn=prop_attn, feature=feature, reduction=reduction, delay=delay,
+                        window=window, window_growth=window_growth, local_blocks=local_blocks,
+                        windows=windows).plan(shape)
 
-    p, n0 = shape.num_prefix, shape.num_patches
-    n = p + n0
-    local = method in ("spatial", "dsm")
-    blocks = []
-    for i, want in enumerate(per_block):
-        mode, win, nwin = "none", None, None
-        j = i - delay
-        may_be_local = (local and reduction == "merge" and j >= 0
-                        and (local_blocks is None or j < local_blocks))
-        if windows == "paper":
-            if want > 0 and may_be_local and window + i * window_growth < square_side(n - p):
-                step = _paper_local_block(shape, i, n, want, window + i * window_growth, feature)
-                if step.r == 0:  # windows too small to merge anything (e.g. 1 x 1)
-                    step = BlockPlan(i, "none", 0, n, n, macs=_block_macs(
-                        shape, n, n, "none", 1, None, feature, reduction))
-                blocks.append(step)
-                n = step.tokens_out
-                continue
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Every option of a merging method, validated once: what ``dsm_lite.patch`` takes.
+
+    ``patch`` builds one, the model's :class:`~dsm_lite.patching.MergeState` keeps it, its
+    :meth:`plan` gives the schedule (with ``r`` per block), and ``patch_settings`` and the
+    sweeps read its fields. The fields and their meaning are :func:`dsm_lite.patch`'s
+    keywords (``method``, ``r`` and the rest); :func:`plan` documents the schedule's.
+
+    Raises:
+        ValueError: an unknown method, feature, reduction, window reading or backend, or an
+            impossible delay or window.
+    """
+
+    method: str = "tome"
+    r: RSpec = 0
+    prop_attn: bool = True
+    trace_source: bool = False
+    feature: str = "k"
+    reduction: str = "merge"
+    delay: Optional[int] = None
+    window: int = 7
+    window_growth: int = 1
+    local_blocks: Optional[int] = None
+    windows: str = "paper"
+    seed: int = 0
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("method", self.method, METHODS), ("feature", self.feature, FEATURES),
+                                     ("reduction", self.reduction, ("merge", "prune")),
+                                     ("windows", self.windows, WINDOWS), ("backend", self.backend, BACKENDS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.method == "spatial" and self.delay not in (None, 0):
+            raise ValueError("method='spatial' merges from block 0; use method='dsm' for a delay")
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window must be a positive int, got {self.window!r}")
+        if self.window_growth < 0:
+            raise ValueError(f"window_growth must be >= 0, got {self.window_growth}")
+        if self.delay is not None and self.delay < 0:
+            raise ValueError(f"delay must be >= 0, got {self.delay}")
+
+    def as_dict(self) -> Dict[str, Any]:
+        """Every field: ``patch(model, **options.as_dict())`` re-creates the patch."""
+        return asdict(self)
+
+    def delay_for(self, depth: int) -> int:
+        """D, the blocks without merging: ``delay``, or by default depth/6 for DSM, 0 otherwise."""
+        if self.delay is not None:
+            return self.delay
+        return default_delay(depth) if self.method == "dsm" else 0
+
+    def plan(self, shape: ModelShape) -> Schedule:
+        """The block-by-block :class:`Schedule` of these options on a model of ``shape``:
+        ``r`` per block (:func:`parse_r`), none in the delay, each block's r then clamped
+        to what its windows or the sequence allow."""
+        delay = self.delay_for(shape.depth)
+        wanted = [0 if i < delay else v for i, v in enumerate(parse_r(shape.depth, self.r))]
+        n, blocks = shape.num_prefix + shape.num_patches, []
+        for i, want in enumerate(wanted):
+            block = self._block(shape, i, i - delay, n, want)
+            blocks.append(block)
+            n = block.tokens_out
+        stem, head = _stem_head_macs(shape, n, any(b.r for b in blocks))
+        options = dict(r=self.r, delay=delay, window=self.window, window_growth=self.window_growth,
+                       local_blocks=self.local_blocks, feature=self.feature, reduction=self.reduction,
+                       prop_attn=self.prop_attn, windows=self.windows)
+        return Schedule(self.method, shape, blocks, options, stem, head)
+
+    def _block(self, shape: ModelShape, i: int, j: int, n: int, want: int) -> BlockPlan:
+        """Block ``i`` (``j`` counted from the delay) with ``n`` tokens in and ``want`` to remove."""
+        p, n0 = shape.num_prefix, shape.num_patches
+        may_be_local = (self.method in ("spatial", "dsm") and self.reduction == "merge" and j >= 0
+                        and (self.local_blocks is None or j < self.local_blocks))
+        if self.windows == "paper":
+            side = self.window + i * self.window_growth
+            if want > 0 and may_be_local and side < square_side(n - p):
+                block = _paper_local_block(shape, i, n, want, side, self.feature)
+                if block.r > 0:
+                    return block
+                want = 0  # windows too small to merge anything (e.g. 1 x 1)
             may_be_local = False
+        mode, win, nwin = "none", None, None
         if want > 0 and may_be_local:
-            m = n - p
-            side = int(math.floor((window + j * window_growth) * math.sqrt(n0 / m) + 0.5))
+            side = int(math.floor((self.window + j * self.window_growth) * math.sqrt(n0 / (n - p)) + 0.5))
             if side < max(shape.grid):
                 mode, win = "local", max(side, 1)
                 wy, wx = num_windows(shape.grid, win)
@@ -371,29 +424,28 @@ def plan(
             mode = "global"
         if mode == "local":
             limit = max((n - p - nwin) // 2, 0)
-        elif reduction == "prune":
+        elif self.reduction == "prune":
             limit = max(n - p - 1, 0)
         else:
             limit = max_reduction(n, p)
         got = min(want, limit)
         if got == 0:
             mode, win, nwin = "none", None, None
-        macs = _block_macs(shape, n, n - got, mode, nwin or 1, win, feature, reduction)
-        blocks.append(BlockPlan(i, mode, got, n, n - got, win, nwin, macs))
-        n = n - got
+        macs = _block_macs(shape, n, n - got, mode, nwin or 1, win, self.feature, self.reduction)
+        return BlockPlan(i, mode, got, n, n - got, win, nwin, macs)
 
-    c = shape.dim
+
+def _stem_head_macs(shape: ModelShape, n_out: int, merged: bool) -> Tuple[int, int]:
+    """MACs of the patch embedding (and pre-norm), and of the head for ``n_out`` tokens."""
+    c, p, n0 = shape.dim, shape.num_prefix, shape.num_patches
     stem = n0 * c * shape.in_chans * shape.patch[0] * shape.patch[1]
     stem += (p + n0) * c if shape.norm_pre else 0
-    head = n * c if shape.final_norm else 0
+    head = n_out * c if shape.final_norm else 0
     if shape.global_pool == "avg":
-        head += (n - p) * c if any(b.r for b in blocks) else c  # size-weighted once merged
+        head += (n_out - p) * c if merged else c  # size-weighted once merged
     head += c if shape.fc_norm else 0
     head += c * shape.num_classes * (2 if shape.distilled_head else 1)
-    options = dict(r=r, delay=delay, window=window, window_growth=window_growth,
-                   local_blocks=local_blocks, feature=feature, reduction=reduction,
-                   prop_attn=prop_attn, windows=windows)
-    return Schedule(method, shape, blocks, options, stem, head)
+    return stem, head
 
 
 def _paper_local_block(shape: ModelShape, index: int, n: int, r: int, window: int,

@@ -12,8 +12,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
-import inspect
 import json
 import os
 import zipfile
@@ -36,6 +36,7 @@ from .measure import interleaved_throughput
 from .models import predict, weights_fingerprint
 from .numerics import widen
 from .progress import progress_bar
+from .schedules import MergeOptions
 from .patching import patch, repatch, unpatch, unpatched
 from .patching import schedule as make_schedule
 from .store_format import key_blob, result_key
@@ -89,9 +90,9 @@ def _tensor_hash(t: Tensor) -> str:
 
 @lru_cache(maxsize=None)
 def _patch_defaults() -> Dict[str, Any]:
-    sig = inspect.signature(patch)
-    return {k: p.default for k, p in sig.parameters.items()
-            if p.kind == p.KEYWORD_ONLY and k not in _NON_RESULT_OPTIONS}
+    """Every patch option but method and r, with its default (the fields of MergeOptions)."""
+    return {f.name: f.default for f in dataclasses.fields(MergeOptions)
+            if f.name not in ("method", "r") + _NON_RESULT_OPTIONS}
 
 
 def _normalise_config(config: Dict[str, Any]) -> Dict[str, Any]:

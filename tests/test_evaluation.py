@@ -63,7 +63,7 @@ def test_evaluate_r0_agrees_and_state_is_restored(model, data):
     patch(model, "tome", 4, prop_attn=False)
     res = ev.evaluate(model, x, labels=y, batch_size=5, progress=False)  # dense computed inside
     st = model._dsm_state
-    assert is_patched(model) and st.method == "tome" and st.options["r"] == 4 and not st.prop_attn
+    assert is_patched(model) and st.method == "tome" and st.options.r == 4 and not st.options.prop_attn
     assert len(res) == N and res.top5.shape == (N, 5)
     unpatch(model)
     res0 = ev.evaluate(model, x, labels=y, dense=dense, batch_size=5, progress=False)
@@ -85,7 +85,7 @@ def test_sweep_columns_macs_and_restores_patch(model, data, tmp_path):
     patch(model, "spatial", 2, window=2)
     df = _sweep(model, data, tmp_path)
     assert is_patched(model) and model._dsm_state.method == "spatial"
-    assert model._dsm_state.options["window"] == 2
+    assert model._dsm_state.options.window == 2
     unpatch(model)
     for col in ("label", "method", "r", "delay", "prop_attn", "gmacs", "tokens_out", "top1",
                 "top5", "agreement", "kl", "top1_lo", "top1_hi", "agreement_lo", "kl_hi",
