@@ -63,29 +63,11 @@ def _unit_rows(metric_ptr, s_mb, s_mn, s_mc, b, i, c, N, CM, norm):
 
 
 @triton.jit
-def match_kernel(metric_ptr, s_mb, s_mn, s_mc, gid_ptr, gid_stride, table_ptr, quota_ptr,
-                 qstart_ptr, scratch_ptr, best_ptr, src_ptr, dst_ptr, keep_ptr, start_ptr,
-                 count_ptr, order_ptr, anchors_out_ptr, N, CM, P, R, PLANE,
-                 MODE: tl.constexpr, TOME_ORDER: tl.constexpr, NP: tl.constexpr,
-                 BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, STEP: tl.constexpr):
-    # STEP 2 (ToMe's global matching): A tokens sit at even positions and B tokens at odd
-    # ones, so the proposal and rank loops visit only those (a quarter of the pairs); STEP 1
-    # (windows, pruning): sides depend on the window, every position is visited.
-    b = tl.program_id(0)
-    K = N - R
+def _sides(gid_ptr, gid_stride, table_ptr, side_p, slot_p, b, N, P,
+           MODE: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr):
+    """Phase 0, sides. Inside a group, rank k (in sequence order) goes to B when k + P is odd;
+    with one group (GLOBAL) that is the token's own parity. PRUNE: every patch token competes."""
     offs = tl.arange(0, BLOCK)
-    offc = tl.arange(0, BLOCK_C)
-    base = scratch_ptr + b * NP
-    side_p = base + 0 * PLANE
-    bestb_p = base + 1 * PLANE
-    rank_p = base + 2 * PLANE
-    slot_p = base + 3 * PLANE
-    row_p = base + 4 * PLANE
-    drow_p = base + 5 * PLANE
-    best_p = best_ptr + b * NP
-
-    # phase 0: sides. Inside a group, rank k (in sequence order) goes to B when k + P is odd;
-    # with one group (GLOBAL) that is the token's own parity. PRUNE: every patch token competes.
     for i0 in range(0, NP, BLOCK):
         i = i0 + offs
         g = _group(gid_ptr, gid_stride, table_ptr, b, i, N, P, MODE)
@@ -103,9 +85,16 @@ def match_kernel(metric_ptr, s_mb, s_mn, s_mc, gid_ptr, gid_stride, table_ptr, q
             side = tl.zeros([BLOCK], tl.int32)
         tl.store(side_p + i, tl.where(g >= 0, side, -1))
         tl.store(slot_p + i, tl.full([BLOCK], -1, tl.int32))  # phase 2 writes the candidates'
-    tl.debug_barrier()
 
-    # phase 1: each A token's best B of its group (first on ties), or PRUNE's -norm
+
+@triton.jit
+def _proposals(metric_ptr, s_mb, s_mn, s_mc, gid_ptr, gid_stride, table_ptr, side_p, best_p, bestb_p,
+               b, N, CM, P, MODE: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
+               BLOCK_C: tl.constexpr, STEP: tl.constexpr):
+    """Phase 1, proposals: each A token's best B of its group (the first on ties) and its cosine
+    similarity, or PRUNE's -norm."""
+    offs = tl.arange(0, BLOCK)
+    offc = tl.arange(0, BLOCK_C)
     for i0 in range(0, NP // STEP, BLOCK):
         i = (i0 + offs) * STEP
         side_i = tl.load(side_p + i)
@@ -136,10 +125,16 @@ def match_kernel(metric_ptr, s_mb, s_mn, s_mc, gid_ptr, gid_stride, table_ptr, q
                 best = tl.where(better, m, best)
         tl.store(best_p + i, best)
         tl.store(bestb_p + i, bidx)
-    tl.debug_barrier()
 
-    # phase 2: rank of each proposal by (score desc, position asc), over the image or (PAPER)
-    # inside its window; the first R (PAPER: the window's quota) merge
+
+@triton.jit
+def _ranks(gid_ptr, gid_stride, table_ptr, quota_ptr, qstart_ptr, side_p, best_p, bestb_p, rank_p, slot_p,
+           src_ptr, dst_ptr, b, N, P, R, MODE: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
+           STEP: tl.constexpr):
+    """Phase 2, ranks: each proposal's rank by (score desc, position asc), over the image or
+    (PAPER) inside its window; the first R (PAPER: the window's quota) merge, written to
+    ``src``/``dst`` at their merge slot."""
+    offs = tl.arange(0, BLOCK)
     for i0 in range(0, NP // STEP, BLOCK):
         i = (i0 + offs) * STEP
         cand_i = tl.load(side_p + i) == 0
@@ -173,9 +168,15 @@ def match_kernel(metric_ptr, s_mb, s_mn, s_mc, gid_ptr, gid_stride, table_ptr, q
         tl.store(src_ptr + b * R + slot, i.to(tl.int64), mask=chosen)
         if MODE != 3:
             tl.store(dst_ptr + b * R + slot, bidx.to(tl.int64), mask=chosen)
-    tl.debug_barrier()
 
-    # phase 3: the output row of every survivor
+
+@triton.jit
+def _output_rows(gid_ptr, gid_stride, side_p, slot_p, rank_p, row_p, keep_ptr, anchors_out_ptr, b, N, P, R,
+                 MODE: tl.constexpr, TOME_ORDER: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr):
+    """Phase 3, output order: the output row of every survivor, ``keep``, and (JOINT) the
+    survivors' anchors."""
+    offs = tl.arange(0, BLOCK)
+    K = N - R
     carry = tl.zeros([], tl.int32)
     for i0 in range(0, NP, BLOCK):
         i = i0 + offs
@@ -207,9 +208,12 @@ def match_kernel(metric_ptr, s_mb, s_mn, s_mc, gid_ptr, gid_stride, table_ptr, q
             patch = kept & (i >= P)
             anchor = tl.load(gid_ptr + b * gid_stride + (i - P), mask=patch, other=0)
             tl.store(anchors_out_ptr + b * (K - P) + (row - P), anchor, mask=patch)
-    tl.debug_barrier()
 
-    # phase 4a: the output row of each merged token's destination
+
+@triton.jit
+def _destination_rows(slot_p, bestb_p, row_p, drow_p, MODE: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr):
+    """Phase 4a: the output row of each merged token's destination (-1: not merged)."""
+    offs = tl.arange(0, BLOCK)
     for i0 in range(0, NP, BLOCK):
         i = i0 + offs
         chosen = tl.load(slot_p + i) >= 0
@@ -218,10 +222,15 @@ def match_kernel(metric_ptr, s_mb, s_mn, s_mc, gid_ptr, gid_stride, table_ptr, q
         bidx = tl.load(bestb_p + i, mask=chosen, other=0)
         drow = tl.load(row_p + bidx, mask=chosen, other=-1)
         tl.store(drow_p + i, tl.where(chosen, drow, -1))
-    tl.debug_barrier()
 
-    # phase 4b: per output row, the range of its sources in `order`, which lists the sources
-    # by (destination row, merge slot)
+
+@triton.jit
+def _sources_per_row(row_p, drow_p, slot_p, start_ptr, count_ptr, order_ptr, b, N, R, NP: tl.constexpr,
+                     BLOCK: tl.constexpr, STEP: tl.constexpr):
+    """Phase 4b: per output row, the range of its sources in ``order``, which lists the
+    sources by (destination row, merge slot): the order the eager ``index_add_`` adds them."""
+    offs = tl.arange(0, BLOCK)
+    K = N - R
     for i0 in range(0, NP, BLOCK):
         i = i0 + offs
         row_i = tl.load(row_p + i)
@@ -244,6 +253,40 @@ def match_kernel(metric_ptr, s_mb, s_mn, s_mc, gid_ptr, gid_stride, table_ptr, q
         tl.store(start_ptr + b * K + row_i, start, mask=kept)
         tl.store(count_ptr + b * K + row_i, count, mask=kept)
         tl.store(order_ptr + b * R + place, i, mask=drow_i >= 0)
+
+
+@triton.jit
+def match_kernel(metric_ptr, s_mb, s_mn, s_mc, gid_ptr, gid_stride, table_ptr, quota_ptr,
+                 qstart_ptr, scratch_ptr, best_ptr, src_ptr, dst_ptr, keep_ptr, start_ptr,
+                 count_ptr, order_ptr, anchors_out_ptr, N, CM, P, R, PLANE,
+                 MODE: tl.constexpr, TOME_ORDER: tl.constexpr, NP: tl.constexpr,
+                 BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, STEP: tl.constexpr):
+    """Every merge decision of image ``program_id(0)``, in phases separated by barriers (each
+    phase reads what the threads of the previous one wrote to the scratch planes).
+
+    STEP 2 (ToMe's global matching): A tokens sit at even positions and B tokens at odd
+    ones, so the proposal and rank loops visit only those (a quarter of the pairs); STEP 1
+    (windows, pruning): sides depend on the window, every position is visited.
+    """
+    b = tl.program_id(0)
+    base = scratch_ptr + b * NP
+    side_p, bestb_p, rank_p = base, base + PLANE, base + 2 * PLANE
+    slot_p, row_p, drow_p = base + 3 * PLANE, base + 4 * PLANE, base + 5 * PLANE
+    best_p = best_ptr + b * NP
+    _sides(gid_ptr, gid_stride, table_ptr, side_p, slot_p, b, N, P, MODE, NP, BLOCK)
+    tl.debug_barrier()
+    _proposals(metric_ptr, s_mb, s_mn, s_mc, gid_ptr, gid_stride, table_ptr, side_p, best_p, bestb_p,
+               b, N, CM, P, MODE, NP, BLOCK, BLOCK_C, STEP)
+    tl.debug_barrier()
+    _ranks(gid_ptr, gid_stride, table_ptr, quota_ptr, qstart_ptr, side_p, best_p, bestb_p, rank_p, slot_p,
+           src_ptr, dst_ptr, b, N, P, R, MODE, NP, BLOCK, STEP)
+    tl.debug_barrier()
+    _output_rows(gid_ptr, gid_stride, side_p, slot_p, rank_p, row_p, keep_ptr, anchors_out_ptr, b, N, P, R,
+                 MODE, TOME_ORDER, NP, BLOCK)
+    tl.debug_barrier()
+    _destination_rows(slot_p, bestb_p, row_p, drow_p, MODE, NP, BLOCK)
+    tl.debug_barrier()
+    _sources_per_row(row_p, drow_p, slot_p, start_ptr, count_ptr, order_ptr, b, N, R, NP, BLOCK, STEP)
 
 
 @triton.jit
