@@ -56,7 +56,7 @@ from torch import Tensor
 from .merging import (Merge, bipartite_soft_matching, merge_wavg, prune_lowest_norm,
                       window_quota_matching, window_soft_matching)
 
-__all__ = ["TritonUnavailableError", "triton_available", "interpreter_on", "check_fused",
+__all__ = ["TritonUnavailableError", "triton_available", "interpreter_on", "check_fused", "prepare",
            "fused_merge", "eager_merge", "KERNEL_DTYPES", "MAX_TOKENS", "GLOBAL", "JOINT", "PAPER", "PRUNE"]
 
 #: activation dtypes the kernels take (float64, the book's CPU numerics, stays eager)
@@ -201,8 +201,17 @@ def _fused_merge_impl(x: Tensor, size: Optional[Tensor], metric: Tensor,
 _OP = None
 
 
+def prepare() -> None:
+    """Import the kernels and register the op ``dsm_lite::fused_merge``, if not yet done.
+
+    ``patch`` calls it wherever the kernels may run, so that the first forward pass can be
+    traced by ``torch.compile``: registering an op inside a traced function breaks the graph.
+    """
+    _op()
+
+
 def _op():
-    """``dsm_lite::fused_merge``, registered on first use."""
+    """``dsm_lite::fused_merge``, registered on first use (see :func:`prepare`)."""
     global _OP
     if _OP is None:
         name = "dsm_lite::fused_merge"

@@ -97,6 +97,9 @@ class MergeState:
             raise fused.TritonUnavailableError(
                 "backend='triton' needs Triton, which did not import (it ships with CUDA builds "
                 "of torch; `pip install triton`), and torch 2.6 or later; use backend='auto' or 'eager'")
+        if options.backend == "triton" or (options.backend == "auto" and torch.cuda.is_available()
+                                           and fused.triton_available()):
+            fused.prepare()  # now, not in a forward that torch.compile may be tracing
         self.options = options
         self.method = options.method
         self.trace_source = options.trace_source

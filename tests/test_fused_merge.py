@@ -242,22 +242,32 @@ def test_auto_is_eager_on_the_cpu(monkeypatch):
 
 @needs_interpreter
 def test_compiled_fullgraph_runs_the_kernels():
-    """torch.compile(fullgraph=True) captures the custom op in one graph (no break) and the
-    compiled model gives the eager backend's logits."""
-    model = small_vit()
-    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    for method, kw in (("tome", {}), ("dsm", dict(delay=1)), ("spatial", dict(windows="joint", window=3))):
-        dsm_lite.patch(model, method, 4, backend="eager", **kw)
-        with torch.no_grad():
-            want = model(images)
-        dsm_lite.patch(model, method, 4, backend="triton", **kw)
-        torch._dynamo.reset()
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-        with torch.no_grad():
-            got = compiled(images)
-        assert torch.equal(got, want), method
-    torch._dynamo.reset()
-    dsm_lite.unpatch(model)
+    """torch.compile(fullgraph=True) captures the custom op in one graph (no break), also as
+    the first thing a fresh process does after patch (the op is registered at patch, not in
+    the traced forward), and the compiled model gives the eager backend's logits."""
+    code = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, "tests")
+        import dsm_lite
+        from reference import small_vit
+        model = small_vit()
+        images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        for method, kw in (("tome", {}), ("dsm", dict(delay=1)), ("spatial", dict(windows="joint", window=3))):
+            dsm_lite.patch(model, method, 4, backend="triton", **kw)
+            torch._dynamo.reset()
+            compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+            with torch.no_grad():
+                got = compiled(images)
+            dsm_lite.patch(model, method, 4, backend="eager", **kw)
+            with torch.no_grad():
+                want = model(images)
+            assert torch.equal(got, want), method
+            print("SAME", method)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("SAME") == 3
 
 
 class KernelCount(torch.utils._python_dispatch.TorchDispatchMode):
