@@ -85,8 +85,9 @@ SUPPORTED_POOLS = ("token", "avg", "")
 class MergeState:
     """Per-model merging state, shared by the model and its blocks.
 
-    ``options`` is the :class:`~dsm_lite.schedules.MergeOptions` of the patch. Attributes set
-    per forward: ``size`` (B, N, 1) tokens per token, ``source`` (B, N, N0) which input
+    ``options`` is the :class:`~dsm_lite.schedules.MergeOptions` of the patch, ``active``
+    the :class:`~dsm_lite.schedules.Schedule` the current forward runs (for its patch grid).
+    Attributes set per forward: ``size`` (B, N, 1) tokens per token, ``source`` (B, N, N0) which input
     tokens each token holds (when tracing; ``trace_source`` switches it, and the tracing
     helpers turn it on for one forward), ``anchors`` (B, N - P) raster index of one
     original patch per token (spatial methods with joint windows).
@@ -112,7 +113,7 @@ class MergeState:
         self._quotas: Dict[tuple, Tuple[Tensor, Tensor]] = {}
         # joint windows: window tables and the first block's layout, per (batch, device, grid)
         self._prepared_cache: Dict[tuple, _Prepared] = {}
-        self.schedule = self.schedule_for(self._shape.grid)
+        self.active = self.schedule_for(self._shape.grid)
         self.generator: Optional[torch.Generator] = None
         self.grid = self._shape.grid
         self._clear()
@@ -144,17 +145,17 @@ class MergeState:
         else:
             grid = tuple(pe.grid_size)
         self.grid = grid
-        self.schedule = self.schedule_for(grid)
+        self.active = self.schedule_for(grid)
         b, device = images.shape[0], images.device
-        joint = (self.method in ("spatial", "dsm") and self.schedule.local_blocks
+        joint = (self.method in ("spatial", "dsm") and self.active.local_blocks
                  and self.options.windows == "joint")
         self.prepared = None
         if joint and _compiling():
-            self.prepared = _Prepared(self.schedule, b, device, self.num_prefix)
+            self.prepared = _Prepared(self.active, b, device, self.num_prefix)
         elif joint:
             key = (b, device, grid)
             if key not in self._prepared_cache:
-                self._prepared_cache[key] = _Prepared(self.schedule, b, device, self.num_prefix)
+                self._prepared_cache[key] = _Prepared(self.active, b, device, self.num_prefix)
             self.prepared = self._prepared_cache[key]
         if joint:
             n = grid[0] * grid[1]
@@ -173,10 +174,10 @@ class MergeState:
         key = (self.grid, index, device)
         if _compiling():  # traced into the graph: a cached tensor made there would be a
             # graph output that torch.compile's CUDA graphs overwrite at the next replay
-            step = self.schedule.blocks[index]
+            step = self.active.blocks[index]
             return square_window_ids(step.tokens_in - self.num_prefix, step.window, device=device)
         if key not in self._square_ids:
-            step = self.schedule.blocks[index]
+            step = self.active.blocks[index]
             self._square_ids[key] = square_window_ids(step.tokens_in - self.num_prefix,
                                                       step.window, device=device)
         return self._square_ids[key]
@@ -187,7 +188,7 @@ class MergeState:
 
         Only called where the schedule merges (r > 0): never in the delay, the first D blocks.
         """
-        step = self.schedule.blocks[index]
+        step = self.active.blocks[index]
         metric = self.feature(x, metric)
         if self.options.reduction == "prune":
             return prune_lowest_norm(metric, step.r, self.num_prefix)
@@ -244,7 +245,7 @@ class MergeState:
         for joint windows, the survivors' anchors (else None); the same decisions as
         :meth:`match` then ``merge_wavg``.
         """
-        step = self.schedule.blocks[index]
+        step = self.active.blocks[index]
         metric = self.feature(x, metric)
         n, p = x.shape[1], self.num_prefix
         kw: dict = {}
@@ -270,7 +271,7 @@ class MergeState:
         prefix sums (int32; cached like :meth:`square_ids`)."""
         key = (self.grid, index, device)
         if _compiling() or key not in self._quotas:
-            quotas = torch.tensor(self.schedule.blocks[index].window_quotas, dtype=torch.int32)
+            quotas = torch.tensor(self.active.blocks[index].window_quotas, dtype=torch.int32)
             starts = quotas.cumsum(0, dtype=torch.int32) - quotas
             pair = (quotas.to(device), starts.to(device))
             if _compiling():  # see square_ids
@@ -280,7 +281,7 @@ class MergeState:
 
     def merge_in_windows(self, index: int, metric: Tensor) -> Merge:
         """The local phase (spatial merging, DSM): matching only inside each window."""
-        step = self.schedule.blocks[index]
+        step = self.active.blocks[index]
         if self.options.windows == "paper":
             # the paper's reading: tokens laid on a square in sequence order, a quota per window
             return window_quota_matching(metric, self.square_ids(index, metric.device),
@@ -418,7 +419,7 @@ class DSMBlock(Block):
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
                 is_causal: bool = False) -> Tensor:
         st: MergeState = self._dsm_state
-        step = st.schedule.blocks[self._dsm_index]
+        step = st.active.blocks[self._dsm_index]
         merging = step.r > 0  # False in the delay (the first D blocks) and wherever r is 0
         if (attn_mask is not None or is_causal) and (merging or st.size is not None):
             raise ValueError("token merging cannot be combined with attn_mask or is_causal")
@@ -456,7 +457,7 @@ class DSMVisionTransformer(VisionTransformer):
     def forward_intermediates(self, x: Tensor, *args, **kwargs):
         st: MergeState = self._dsm_state
         fmt = kwargs.get("output_fmt", args[4] if len(args) > 4 else "NCHW")
-        if fmt == "NCHW" and any(st.schedule.r):
+        if fmt == "NCHW" and any(st.active.r):
             raise ValueError("token merging changes the number of tokens, so intermediates cannot "
                              "be reshaped to NCHW; pass output_fmt='NLC'")
         st.reset(self, x)
@@ -646,7 +647,7 @@ def schedule(model: nn.Module, method: Optional[str] = None, r: Optional[RSpec] 
     if method is None:
         if not is_patched(model):
             raise ValueError("model is not patched: pass method= and r=")
-        return model._dsm_state.schedule if grid is None else model._dsm_state.schedule_for(grid)
+        return model._dsm_state.active if grid is None else model._dsm_state.schedule_for(grid)
     _check_supported(model)
     return MergeOptions(method, r if r is not None else 0, **options).plan(ModelShape.from_model(model, grid))
 

@@ -37,8 +37,8 @@ from .models import predict, weights_fingerprint
 from .numerics import widen
 from .progress import progress_bar
 from .schedules import MergeOptions
+from . import patching
 from .patching import patch, repatch, unpatch, unpatched
-from .patching import schedule as make_schedule
 from .store_format import key_blob, result_key
 
 __all__ = ["sweep", "summary_table", "sweep_cache_dir", "code_hash", "images_hash", "METRIC_COLUMNS"]
@@ -217,7 +217,7 @@ def _rows(sources: _Sources, configs: List[Dict[str, Any]], keep_logits: bool, n
         for config in configs:
             cfg = _normalise_config(config)
             opts = {k: v for k, v in cfg.items() if k not in ("method", "r")}
-            sched = make_schedule(sources.model, cfg["method"], cfg["r"], **opts)
+            sched = patching.schedule(sources.model, cfg["method"], cfg["r"], **opts)
             result, cached = sources.result(config, cfg, sched, keep_logits)
             if sources.labels is not None and dense_correct is None:
                 dense_correct = (sources.dense().argmax(dim=1) == sources.labels).numpy()
