@@ -111,7 +111,7 @@ def check_fused(x: Tensor, metric: Optional[Tensor] = None) -> None:
         TritonUnavailableError: Triton does not import, or ``x`` is on the CPU while the
             interpreter is off.
         TypeError: a dtype the kernels do not take.
-        ValueError: more tokens than :data:`MAX_TOKENS`.
+        ValueError: more tokens than ``MAX_TOKENS``.
     """
     if not triton_available():
         raise TritonUnavailableError(
@@ -244,13 +244,13 @@ def fused_merge(x: Tensor, size: Optional[Tensor], metric: Tensor, r: int, num_p
         r: tokens removed per image, already clamped as the eager engine clamps it
             (``1 <= r <= N - num_prefix``).
         num_prefix: P, leading tokens that never merge.
-        mode: :data:`GLOBAL` (ToMe's bipartite matching over the sequence), :data:`JOINT`
+        mode: ``GLOBAL`` (ToMe's bipartite matching over the sequence), ``JOINT``
             (each token's window is ``window_table[anchors]``: ``anchors`` (B, N - P) the
             raster index of each patch token's anchor patch, ``window_table`` (H * W,) the
-            window of each patch; the best r proposals of all windows), :data:`PAPER` (windows given by ``window_ids`` (N - P,), the same for
+            window of each patch; the best r proposals of all windows), ``PAPER`` (windows given by ``window_ids`` (N - P,), the same for
             every image; window w merges ``quotas[w]`` of its best proposals; ``quota_starts``
             (W,) holds the exclusive prefix sums of ``quotas`` and ``r`` their sum) or
-            :data:`PRUNE` (drop the r tokens of lowest norm).
+            ``PRUNE`` (drop the r tokens of lowest norm).
         tome_order: with GLOBAL, ToMe's output order instead of sequence order.
 
     Returns:

@@ -357,7 +357,7 @@ class DSMAttention(Attention):
     Modifications:
 
     - proportional attention: log(size) of every token enters the softmax as an additive
-      bias (``sized_sdpa``; the explicit path adds :meth:`MergeState.attn_bias`);
+      bias (``sized_sdpa``; the explicit path adds ``MergeState.attn_bias``);
     - in a block that merges (``_dsm_wants_metric``), it returns ``(output, metric)``: the
       similarity feature, the heads' mean of ``q``, ``k`` or ``v``, as ToMe's attention does.
     """
