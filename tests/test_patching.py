@@ -696,3 +696,19 @@ def test_unpatched_is_temporarily_dense_and_restores_the_patch_even_on_error():
     with dsm_lite.unpatched(model):
         pass
     assert not dsm_lite.is_patched(model)
+
+
+def test_patch_keywords_are_the_merge_options():
+    """patch() spells its options out (for help() and type checkers) and builds MergeOptions
+    from them: the two lists, and their defaults, are the same."""
+    import dataclasses
+    import inspect
+
+    params = {k: p.default for k, p in inspect.signature(patch).parameters.items()
+              if p.kind == p.KEYWORD_ONLY}
+    fields = {f.name: f.default for f in dataclasses.fields(dsm_lite.MergeOptions)
+              if f.name not in ("method", "r")}
+    assert params == fields
+    model = patch(small_vit(seed=0), "dsm", r=5, window=3, delay=1, feature="v", backend="eager")
+    assert dsm_lite.patching.patch_settings(model) == dict(dsm_lite.MergeOptions(
+        "dsm", 5, window=3, delay=1, feature="v", backend="eager").as_dict())
