@@ -56,7 +56,7 @@ from torch import Tensor
 from .merging import (Merge, bipartite_soft_matching, merge_wavg, prune_lowest_norm,
                       window_quota_matching, window_soft_matching)
 
-__all__ = ["TritonUnavailableError", "triton_available", "interpreter_on", "check_fused", "prepare",
+__all__ = ["TritonUnavailableError", "triton_available", "interpreter_on", "check_fused", "require_triton", "prepare",
            "fused_merge", "eager_merge", "KERNEL_DTYPES", "MAX_TOKENS", "GLOBAL", "JOINT", "PAPER", "PRUNE"]
 
 #: activation dtypes the kernels take (float64, the book's CPU numerics, stays eager)
@@ -104,6 +104,14 @@ def triton_available() -> bool:
     return True
 
 
+def require_triton() -> None:
+    """Raise :class:`TritonUnavailableError` unless :func:`triton_available`."""
+    if not triton_available():
+        raise TritonUnavailableError(
+            "backend='triton' needs Triton, which did not import (it ships with CUDA builds of "
+            "torch; `pip install triton`), and torch 2.6 or later; use backend='auto' or 'eager'")
+
+
 def check_fused(x: Tensor, metric: Optional[Tensor] = None) -> None:
     """Raise a clear error where the Triton backend cannot run on tokens ``x`` (B, N, C).
 
@@ -113,10 +121,7 @@ def check_fused(x: Tensor, metric: Optional[Tensor] = None) -> None:
         TypeError: a dtype the kernels do not take.
         ValueError: more tokens than ``MAX_TOKENS``.
     """
-    if not triton_available():
-        raise TritonUnavailableError(
-            "backend='triton' needs Triton, which did not import (it ships with CUDA builds of "
-            "torch; `pip install triton`), and torch 2.6 or later; use backend='auto' or 'eager'")
+    require_triton()
     if x.device.type == "cpu" and not _kernels().INTERPRETED:
         raise TritonUnavailableError(
             "backend='triton' on CPU tensors needs Triton's interpreter (set TRITON_INTERPRET=1 "

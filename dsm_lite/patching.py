@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from . import fused_merge as fused
 from .devices import to_model
 from .merging import (FLOAT_DTYPES, HALF_DTYPES, Merge, WindowLayout, bipartite_soft_matching,
-                      max_reduction, merge_source, merge_wavg, prune_lowest_norm, window_layout,
+                      merge_source, merge_wavg, prune_lowest_norm, window_layout,
                       window_quota_matching, window_soft_matching)
 from .schedules import BACKENDS, RANDOM_FEATURE_DIM, MergeOptions, ModelShape, RSpec, Schedule
 from .windows import square_window_ids, window_ids
@@ -94,10 +94,8 @@ class MergeState:
     """
 
     def __init__(self, model: nn.Module, options: MergeOptions) -> None:
-        if options.backend == "triton" and not fused.triton_available():
-            raise fused.TritonUnavailableError(
-                "backend='triton' needs Triton, which did not import (it ships with CUDA builds "
-                "of torch; `pip install triton`), and torch 2.6 or later; use backend='auto' or 'eager'")
+        if options.backend == "triton":
+            fused.require_triton()
         if options.backend == "triton" or (options.backend == "auto" and torch.cuda.is_available()
                                            and fused.triton_available()):
             fused.prepare()  # now, not in a forward that torch.compile may be tracing
@@ -169,18 +167,24 @@ class MergeState:
             return None
         return log_size_bias(self.size, dtype or self.size.dtype)
 
+    def _per_block(self, cache: dict, index: int, device: torch.device, build):
+        """``build(step, device)`` for block ``index``'s plan, cached per (grid, block, device).
+
+        Under torch.compile it is built afresh: traced into the graph, a cached tensor made
+        there would be a graph output that torch.compile's CUDA graphs overwrite at the next
+        replay.
+        """
+        if _compiling():
+            return build(self.active.blocks[index], device)
+        key = (self.grid, index, device)
+        if key not in cache:
+            cache[key] = build(self.active.blocks[index], device)
+        return cache[key]
+
     def square_ids(self, index: int, device: torch.device) -> Tensor:
         """(M,) paper window of each patch position entering local block ``index`` (cached)."""
-        key = (self.grid, index, device)
-        if _compiling():  # traced into the graph: a cached tensor made there would be a
-            # graph output that torch.compile's CUDA graphs overwrite at the next replay
-            step = self.active.blocks[index]
-            return square_window_ids(step.tokens_in - self.num_prefix, step.window, device=device)
-        if key not in self._square_ids:
-            step = self.active.blocks[index]
-            self._square_ids[key] = square_window_ids(step.tokens_in - self.num_prefix,
-                                                      step.window, device=device)
-        return self._square_ids[key]
+        return self._per_block(self._square_ids, index, device, lambda step, dev: square_window_ids(
+            step.tokens_in - self.num_prefix, step.window, device=dev))
 
     def match(self, index: int, x: Tensor, metric: Optional[Tensor]) -> Merge:
         """The merge of block ``index`` for tokens x (B, N, C) by their similarity feature
@@ -227,15 +231,12 @@ class MergeState:
 
     def uses_triton(self, x: Tensor) -> bool:
         """Whether this forward's merges of tokens x (B, N, C) run the fused Triton kernels:
-        always for ``backend="triton"`` (which raises where they cannot run), for
-        ``"auto"`` on CUDA tensors of a dtype they take when Triton imports."""
-        if self.options.backend == "eager":
-            return False
-        if self.options.backend == "auto":
-            return (x.is_cuda and x.dtype in fused.KERNEL_DTYPES and x.shape[1] <= fused.MAX_TOKENS
-                    and fused.triton_available())
-        fused.check_fused(x)
-        return True
+        always for ``backend="triton"`` (``fused_merge`` raises where they cannot run), for
+        ``"auto"`` on CUDA tensors of a dtype and length they take when Triton imports."""
+        if self.options.backend != "auto":
+            return self.options.backend == "triton"
+        return (x.is_cuda and x.dtype in fused.KERNEL_DTYPES and x.shape[1] <= fused.MAX_TOKENS
+                and fused.triton_available())
 
     def merge_fused(self, index: int, x: Tensor, metric: Optional[Tensor]
                     ) -> Tuple[Tensor, Tensor, Merge, Optional[Tensor]]:
@@ -245,39 +246,28 @@ class MergeState:
         for joint windows, the survivors' anchors (else None); the same decisions as
         :meth:`match` then ``merge_wavg``.
         """
-        step = self.active.blocks[index]
-        metric = self.feature(x, metric)
-        n, p = x.shape[1], self.num_prefix
+        step = self.active.blocks[index]  # step.r is already clamped by the plan (> 0 here)
         kw: dict = {}
         if self.options.reduction == "prune":
-            r, kw["mode"] = min(step.r, max(n - p - 1, 0)), fused.PRUNE
+            kw["mode"] = fused.PRUNE
         elif step.mode == "local" and self.options.windows == "paper":
-            r, kw["mode"] = step.r, fused.PAPER
+            kw["mode"] = fused.PAPER
             kw["window_ids"] = self.square_ids(index, x.device)
             kw["quotas"], kw["quota_starts"] = self.quota_tensors(index, x.device)
         elif step.mode == "local":
-            r, kw["mode"] = min(step.r, max((n - p - step.num_windows) // 2, 0)), fused.JOINT
+            kw["mode"] = fused.JOINT
             kw["anchors"], kw["window_table"] = self.anchors, self.prepared.window_table[index]
         else:
-            r, kw["mode"] = min(step.r, max_reduction(n, p)), fused.GLOBAL
-            kw["tome_order"] = self.method == "tome"
-        if r <= 0:  # nothing to merge (a clamp at the end of a sequence): the eager identity
-            merge = self.match(index, x, metric)
-            return (*merge_wavg(merge, x, self.size), merge, None)
-        return fused.fused_merge(x, self.size, metric, r, p, **kw)
+            kw["mode"], kw["tome_order"] = fused.GLOBAL, self.method == "tome"
+        return fused.fused_merge(x, self.size, self.feature(x, metric), step.r, self.num_prefix, **kw)
 
     def quota_tensors(self, index: int, device: torch.device) -> Tuple[Tensor, Tensor]:
         """(W,) merges of each paper window entering local block ``index`` and their exclusive
         prefix sums (int32; cached like :meth:`square_ids`)."""
-        key = (self.grid, index, device)
-        if _compiling() or key not in self._quotas:
-            quotas = torch.tensor(self.active.blocks[index].window_quotas, dtype=torch.int32)
-            starts = quotas.cumsum(0, dtype=torch.int32) - quotas
-            pair = (quotas.to(device), starts.to(device))
-            if _compiling():  # see square_ids
-                return pair
-            self._quotas[key] = pair
-        return self._quotas[key]
+        def build(step, dev):
+            quotas = torch.tensor(step.window_quotas, dtype=torch.int32)
+            return quotas.to(dev), (quotas.cumsum(0, dtype=torch.int32) - quotas).to(dev)
+        return self._per_block(self._quotas, index, device, build)
 
     def merge_in_windows(self, index: int, metric: Tensor) -> Merge:
         """The local phase (spatial merging, DSM): matching only inside each window."""
@@ -745,7 +735,7 @@ def trace_windows(model: nn.Module, images: Tensor) -> Dict[str, Tensor]:
         return hook
 
     hooks = [model.blocks[i].register_forward_pre_hook(grab(i)) for i in local]
-    logits = _forward_tracing(model, images, hooks)
+    _forward_tracing(model, images, hooks)
     b, (h, w) = images.shape[0], st.grid
     out = {"blocks": torch.tensor(local), "window": [], "anchor": [], "groups": []}
     for i in local:

@@ -118,9 +118,14 @@ def _jsonable(v):
     return v
 
 
+def _unpatched_class(model: nn.Module) -> type:
+    """The model's class as timm made it, patched or not (``patch`` records it)."""
+    return getattr(type(model), "_dsm_original", type(model))
+
+
 def _model_context(model: nn.Module) -> Dict[str, str]:
     """What the store's and the cache's keys both say of the model: weights, class and dtype."""
-    return dict(weights=weights_fingerprint(model), model_class=type(model).__name__.replace("Merging", "", 1),
+    return dict(weights=weights_fingerprint(model), model_class=_unpatched_class(model).__name__,
                 dtype=str(next(model.parameters()).dtype))
 
 

@@ -39,7 +39,7 @@ def _group(gid_ptr, gid_stride, table_ptr, b, i, N, P, MODE: tl.constexpr):
 
 
 @triton.jit
-def _sq_norm(metric_ptr, s_mb, s_mn, s_mc, b, i, N, CM, BLOCK_C: tl.constexpr):
+def _norm(metric_ptr, s_mb, s_mn, s_mc, b, i, N, CM, BLOCK_C: tl.constexpr):
     """Euclidean norm of rows ``i`` of the feature, float32, correctly rounded sqrt."""
     offc = tl.arange(0, BLOCK_C)
     ssq = tl.zeros(i.shape, tl.float32)
@@ -98,7 +98,7 @@ def _proposals(metric_ptr, s_mb, s_mn, s_mc, gid_ptr, gid_stride, table_ptr, sid
     for i0 in range(0, NP // STEP, BLOCK):
         i = (i0 + offs) * STEP
         side_i = tl.load(side_p + i)
-        norm_i = _sq_norm(metric_ptr, s_mb, s_mn, s_mc, b, i, N, CM, BLOCK_C)
+        norm_i = _norm(metric_ptr, s_mb, s_mn, s_mc, b, i, N, CM, BLOCK_C)
         best = tl.full([BLOCK], float("-inf"), tl.float32)
         bidx = tl.zeros([BLOCK], tl.int32)
         if MODE == 3:
@@ -109,7 +109,7 @@ def _proposals(metric_ptr, s_mb, s_mn, s_mc, gid_ptr, gid_stride, table_ptr, sid
                 j = (j0 + offs) * STEP + (STEP - 1)
                 side_j = tl.load(side_p + j)
                 gj = _group(gid_ptr, gid_stride, table_ptr, b, j, N, P, MODE)
-                norm_j = _sq_norm(metric_ptr, s_mb, s_mn, s_mc, b, j, N, CM, BLOCK_C)
+                norm_j = _norm(metric_ptr, s_mb, s_mn, s_mc, b, j, N, CM, BLOCK_C)
                 acc = tl.zeros([BLOCK, BLOCK], tl.float32)
                 for c0 in range(0, CM, BLOCK_C):
                     c = c0 + offc

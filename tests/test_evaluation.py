@@ -267,3 +267,13 @@ def test_summary_table_reads_one_unit_per_column(model, data, tmp_path):
     assert t["top-1 (%) [95% CI]"][1] == f"{100 * row.top1:.1f} [{100 * row.top1_lo:.1f}, {100 * row.top1_hi:.1f}]"
     assert t["agreement (%) [95% CI]"][0] == "100.0 [100.0, 100.0]"  # r = 0 is the dense model
     assert t["KL (nats)"][0] == "0.000" and t["tokens out"].tolist() == df.tokens_out.tolist()
+
+
+def test_result_keys_name_the_model_as_timm_made_it_patched_or_not():
+    """The store's and the cache's keys say the same of a model whether or not it is patched
+    when the sweep starts (its class as timm made it, not the patched class)."""
+    model = small_vit(seed=0)
+    plain = sweeps._model_context(model)
+    patch(model, "dsm", 4, delay=1)
+    assert sweeps._model_context(model) == plain and plain["model_class"] == "VisionTransformer"
+    unpatch(model)
